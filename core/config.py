@@ -140,8 +140,9 @@ class ModelConfig(BaseModel):
             "model_type": "gpt_oss",
             "attention_bias": True,
             "attention_dropout": 0.0,
-            "eos_token_id": 200002,
-            "pad_token_id": 199999,
+            # <|return|> and <|endoftext|> of o200k_harmony, when the vocabulary has them (test models may not).
+            "eos_token_id": 200002 if self.vocab_size > 200002 else None,
+            "pad_token_id": 199999 if self.vocab_size > 199999 else None,
             "hidden_act": "silu",
             "initializer_range": 0.02,
             "max_position_embeddings": int(self.initial_context_length * self.rope_scaling_factor),
@@ -208,10 +209,11 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt-oss-120b": ModelConfig(num_hidden_layers=36, num_experts=128),
     # Small enough for float64 CPU tests, big enough to exercise every feature: two layers (both
     # attention kinds), more experts than top-k, GQA, YaRN. Use sliding_window smaller than test
-    # sequences to cross the band.
+    # sequences to cross the band. initial_context_length keeps YaRN's ramp start (low) above 0, where
+    # the original formula and Hugging Face's clamped one agree, as they do for the real models.
     "tiny": ModelConfig(num_hidden_layers=2, num_experts=8, experts_per_token=2, vocab_size=201088,
                         hidden_size=64, intermediate_size=64, head_dim=16, num_attention_heads=4,
-                        num_key_value_heads=2, sliding_window=8, initial_context_length=64,
+                        num_key_value_heads=2, sliding_window=8, initial_context_length=256,
                         rope_scaling_factor=4.0),
 }
 

@@ -56,7 +56,9 @@ class ExpertLinear:
     def expert_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         """Expert ``e``'s weight (N, K) in ``dtype``, dequantized on the fly (exact for bf16 and wider)."""
         if self.weight is not None:
-            return self.weight[e].to(dtype)
+            # Contiguous like a dequantized weight, so both layouts take the same matmul path and give
+            # bit-identical results (HF stores experts transposed; ``weight`` is a view of that).
+            return self.weight[e].to(dtype).contiguous()
         return mxfp4.dequantize(self.blocks[e], self.scales[e], dtype)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""``torch`` — the reference engine: plain PyTorch, the executable specification of every op.
+
+Readable top to bottom, CPU or CUDA, float64 for the conformance oracle, float32 for checking, bf16
+for speed. MXFP4 experts stay packed and are dequantized per use, one expert at a time, so a
+gpt-oss-20b checkpoint runs on a CPU without ever holding all experts in bf16.
+
+Shape legend: T tokens, S sequences, D hidden, E experts, k experts per token, N/K a linear layer's
+out/in features, Hq/Hkv query/KV heads, d head_dim, L keys of one sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxmoe.core.backend import Backend, Capabilities, Linear, NotSupported
+from mxmoe.core.batch import Batch
+from mxmoe.core.weights import ExpertLinear
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    version = "0.1.0"
+    api_version = ">=1.0,<2"
+    priority = 10  # lowest of the built-ins: always available, never fast
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        dtypes=("float64", "float32", "bfloat16", "float16"),
+        head_dims=None,
+        attention_sinks=True,
+        sliding_window=True,
+        mxfp4="dequantized",
+        dense_experts=True,
+        cuda_graphs=False,  # data-dependent loops over sequences and experts (host syncs)
+        determinism="bitwise",
+    )
+
+    # ---- weights -----------------------------------------------------------------------------------
+    def prepare_linear(self, weight, bias, dtype, device):
+        self.check(device=device, dtype=dtype)
+        return Linear(weight.to(device=device, dtype=dtype),
+                      None if bias is None else bias.to(device=device, dtype=dtype))
+
+    def prepare_experts(self, mlp1: ExpertLinear, mlp2: ExpertLinear, dtype, device):
+        self.check(device=device, dtype=dtype)
+        # Packed bytes (or dense weights) move to the device as they are; dequantization happens per use.
+        def move(e: ExpertLinear) -> ExpertLinear:
+            to = (lambda t: None if t is None else t.to(device))
+            return ExpertLinear(bias=e.bias.to(device=device, dtype=dtype), blocks=to(e.blocks),
+                                scales=to(e.scales), weight=to(e.weight))
+        return _Experts(move(mlp1), move(mlp2), dtype)
+
+    # ---- ops ---------------------------------------------------------------------------------------
+    def embedding(self, token_ids, weight):
+        return weight[token_ids]
+
+    def rms_norm(self, x, scale, eps):
+        t = x.to(torch.promote_types(x.dtype, torch.float32))
+        t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + eps)
+        return (t * scale.to(t.dtype)).to(x.dtype)
+
+    def linear(self, x, layer: Linear):
+        return torch.nn.functional.linear(x, layer.weight, layer.bias)
+
+    def rope(self, q, k, positions, inv_freq, concentration):
+        angle = positions.to(inv_freq.dtype)[:, None] * inv_freq[None, :]  # (T, d/2)
+        cos = (angle.cos() * concentration).to(q.dtype)[:, None, :]
+        sin = (angle.sin() * concentration).to(q.dtype)[:, None, :]
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:  # (T, H, d): halves, not interleaved pairs
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+        return rotate(q), rotate(k)
+
+    def attention(self, q, k, v, sinks, k_cache, v_cache, batch: Batch, sliding_window, sm_scale):
+        T, Hq, d = q.shape
+        Hkv = k.shape[1]
+        cache_len = k_cache.shape[1]
+        # Write the new keys/values where the caller says, then read each sequence's keys back.
+        k_cache.view(-1, Hkv, d)[batch.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, Hkv, d)[batch.slot_mapping] = v.to(v_cache.dtype)
+        compute = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
+        out = torch.empty_like(q)
+        for s, (start, end, row, ctx) in enumerate(zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
+                                                       batch.cache_rows.tolist(), batch.context_lens.tolist())):
+            qs = q[start:end].to(compute)  # (n, Hq, d)
+            ks = k_cache[row, :ctx].to(compute)  # (L, Hkv, d)
+            vs = v_cache[row, :ctx].to(compute)
+            # GQA: query head h reads KV head h // (Hq / Hkv).
+            ks = ks.repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
+            vs = vs.repeat_interleave(Hq // Hkv, dim=1)
+            scores = torch.einsum("nhd,lhd->hnl", qs, ks) * sm_scale  # (Hq, n, L)
+            q_pos = batch.positions[start:end][:, None]  # (n, 1)
+            k_pos = torch.arange(ctx, device=q.device)[None, :]  # (1, L)
+            allowed = k_pos <= q_pos
+            if sliding_window:
+                allowed &= q_pos - k_pos < sliding_window
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            # The sink is one extra logit per head that takes probability mass but contributes no value.
+            sink = sinks.to(compute)[:, None, None].expand(Hq, end - start, 1)
+            probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+            out[start:end] = torch.einsum("hnl,lhd->nhd", probs, vs).to(q.dtype)
+        return out
+
+    def router(self, x, gate: Linear, top_k):
+        logits = self.linear(x, gate)  # (T, E)
+        # torch.topk on CPU and CUDA breaks ties toward the lower index with sorted=True; stable sort makes
+        # that explicit.
+        values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
+        values, indices = values[:, :top_k], indices[:, :top_k]
+        return torch.softmax(values, dim=-1), indices
+
+    def experts(self, x, expert_weights, expert_indices, experts: "_Experts", swiglu_alpha, swiglu_limit):
+        T, D = x.shape
+        out = torch.zeros(T, D, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        xc = x.to(experts.dtype)
+        # Loop over the experts that received tokens; dequantize each one's weights just for this use.
+        for e in torch.unique(expert_indices).tolist():
+            token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
+            w1 = experts.mlp1.expert_weight(e, experts.dtype)  # (2I, D)
+            h = torch.nn.functional.linear(xc[token], w1, experts.mlp1.bias[e])  # (n, 2I)
+            h = swiglu(h, swiglu_alpha, swiglu_limit)  # (n, I)
+            w2 = experts.mlp2.expert_weight(e, experts.dtype)  # (D, I)
+            y = torch.nn.functional.linear(h, w2, experts.mlp2.bias[e])  # (n, D)
+            out.index_add_(0, token, (y * expert_weights[token, slot, None]).to(out.dtype))
+        return out.to(x.dtype)
+
+
+class _Experts:
+    def __init__(self, mlp1: ExpertLinear, mlp2: ExpertLinear, dtype: torch.dtype):
+        if mlp1.num_experts != mlp2.num_experts:
+            raise NotSupported("torch", f"mlp1 with {mlp1.num_experts} experts and mlp2 with {mlp2.num_experts}")
+        self.mlp1, self.mlp2, self.dtype = mlp1, mlp2, dtype
+
+
+def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss's clamped SwiGLU on interleaved rows: h[..., 0::2] is the gate, h[..., 1::2] the linear half."""
+    gate, lin = h[..., 0::2], h[..., 1::2]
+    gate = gate.clamp(max=limit)
+    lin = lin.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (lin + 1)

@@ -1,0 +1,168 @@
+"""The gpt-oss model graph, once, for every engine.
+
+    token ids ─▶ embedding ─▶ N × [ RMSNorm ─▶ attention (sinks; banded window on even layers) ─▶ +residual
+                                   RMSNorm ─▶ router top-k ─▶ experts (SwiGLU) ─▶ +residual ]
+              ─▶ RMSNorm ─▶ unembedding ─▶ logits
+
+Every tensor op goes through the backend that serves it (``ops[name]``); the graph never branches on
+device. One call runs T tokens of S sequences (core/batch.py): prefill and decode are the same path.
+
+Shape legend: T tokens, S sequences, D hidden, V vocab, Hq/Hkv heads, d head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .backend import Backend, parse_dtype
+from .batch import Batch, KVCache
+from .config import ModelConfig
+from .rope import yarn_inv_freq
+from .weights import ModelWeights
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    qkv: Any  # prepared by ops["linear"]
+    sinks: torch.Tensor
+    out: Any  # prepared by ops["linear"]
+    sliding_window: int
+    mlp_norm: torch.Tensor
+    gate: Any  # prepared by ops["router"]
+    experts: Any  # prepared by ops["experts"]
+
+
+class GptOss:
+    """A loaded model: prepared weights + the backends serving each op. Build with :func:`load_model`."""
+
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ops: dict[str, Backend],
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 model_dir: str | Path | None = None, resolution: Any = None):
+        self.config, self.ops, self.dtype, self.device = config, dict(ops), dtype, torch.device(device)
+        self.model_dir = None if model_dir is None else Path(model_dir)
+        self.resolution = resolution  # how the ops were chosen (plugins' trace), for `mxmoe backends --explain`
+        self._tokenizer = None
+        # Norm scales and sinks are tiny: keep them in at least float32 (as gpt-oss does).
+        small = torch.promote_types(dtype, torch.float32)
+        lin, router, experts = ops["linear"], ops["router"], ops["experts"]
+
+        self.embedding = weights.embedding.to(device=self.device, dtype=dtype)
+        self.layers: list[_Layer] = []
+        for i, b in enumerate(weights.blocks):
+            a, m = b.attn, b.mlp
+            self.layers.append(_Layer(
+                attn_norm=a.norm_scale.to(self.device, small),
+                qkv=lin.prepare_linear(a.qkv_weight, a.qkv_bias, dtype, self.device),
+                sinks=a.sinks.to(self.device, small),
+                out=lin.prepare_linear(a.out_weight, a.out_bias, dtype, self.device),
+                sliding_window=config.layer_sliding_window(i),
+                mlp_norm=m.norm_scale.to(self.device, small),
+                gate=router.prepare_linear(m.gate_weight, m.gate_bias, dtype, self.device),
+                experts=experts.prepare_experts(m.mlp1, m.mlp2, dtype, self.device),
+            ))
+        self.norm = weights.norm_scale.to(self.device, small)
+        self.unembedding = lin.prepare_linear(weights.unembedding, None, dtype, self.device)
+        # RoPE angles in float64 only for the float64 oracle; float32 otherwise, as gpt-oss computes them.
+        inv_freq, self.concentration = yarn_inv_freq(config, small)
+        self.inv_freq = inv_freq.to(self.device)
+        self.sm_scale = 1.0 / math.sqrt(config.head_dim)
+
+    # ---- the graph ---------------------------------------------------------------------------------
+    def forward(self, token_ids: torch.Tensor, batch: Batch, cache: KVCache,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run T new tokens of S sequences; returns logits (R, V) at ``logits_rows`` (default: each
+        sequence's last new token, R = S). ``cache`` receives the new keys/values."""
+        cfg, ops = self.config, self.ops
+        T = token_ids.shape[0]
+        Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = ops["embedding"].embedding(token_ids, self.embedding)  # (T, D)
+        for i, layer in enumerate(self.layers):
+            # Attention block.
+            h = ops["rms_norm"].rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            qkv = ops["linear"].linear(h, layer.qkv)  # (T, Q + 2 KV)
+            q = qkv[:, :cfg.q_dim].reshape(T, Hq, d)
+            k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(T, Hkv, d)
+            v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(T, Hkv, d)
+            q, k = ops["rope"].rope(q, k, batch.positions, self.inv_freq, self.concentration)
+            k_cache, v_cache = cache.layer(i)
+            o = ops["attention"].attention(q, k, v, layer.sinks, k_cache, v_cache, batch,
+                                           layer.sliding_window, self.sm_scale)  # (T, Hq, d)
+            x = x + ops["linear"].linear(o.reshape(T, Hq * d), layer.out)
+            # MoE block.
+            h = ops["rms_norm"].rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            weights, indices = ops["router"].router(h, layer.gate, cfg.experts_per_token)  # (T, k) each
+            x = x + ops["experts"].experts(h, weights, indices, layer.experts, cfg.swiglu_alpha, cfg.swiglu_limit)
+        if logits_rows is None:
+            logits_rows = batch.cu_seqlens[1:] - 1
+        x = ops["rms_norm"].rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
+        return ops["linear"].linear(x, self.unembedding)  # (R, V)
+
+    # ---- conveniences ------------------------------------------------------------------------------
+    def new_cache(self, num_rows: int, cache_len: int) -> KVCache:
+        cfg = self.config
+        return KVCache.allocate(cfg.num_hidden_layers, num_rows, cache_len, cfg.num_key_value_heads, cfg.head_dim,
+                                self.dtype, self.device)
+
+    def check_tokens(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(token_ids, dtype=torch.int64)
+        if ids.ndim != 1 or ids.numel() == 0:
+            raise ValueError(f"expected a non-empty 1-D sequence of token ids, found shape {tuple(ids.shape)}")
+        bad = ((ids < 0) | (ids >= self.config.vocab_size)).nonzero()
+        if bad.numel():
+            pos = int(bad[0, 0])
+            raise ValueError(f"token id {int(ids[pos])} at position {pos} is outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        return ids.to(self.device)
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Logits of every position of one sequence: (T,) ids → (T, V)."""
+        ids = self.check_tokens(token_ids)
+        T = ids.shape[0]
+        batch = Batch.build([T], [0], [0], T, self.device)
+        return self.forward(ids, batch, self.new_cache(1, T), logits_rows=torch.arange(T, device=self.device))
+
+    def generate(self, prompt_ids: Sequence[int], max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, stop_tokens: Sequence[int] = ()) -> Iterator[int]:
+        """Stream generated token ids (see :func:`mxmoe.core.generate.generate`)."""
+        from .generate import generate
+
+        return generate(self, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                        seed=seed, stop_tokens=stop_tokens)
+
+    @property
+    def tokenizer(self):
+        """The o200k_harmony tokenizer, looked for next to the checkpoint first (core/tokenizer.py)."""
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(model_dir=self.model_dir)
+        return self._tokenizer
+
+
+def load_model(path: str | Path, backend: str | dict[str, str] | None = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None, strict: bool = False,
+               progress: bool | None = None) -> GptOss:
+    """Load a checkpoint folder (original, Hugging Face MXFP4 or Hugging Face bf16 layout) onto engines.
+
+    ``backend``: ``None``/``"auto"`` (best available for the device), a backend name (``"torch"``), or
+    per-op overrides (``{"attention": "torch", "experts": "..."}`` or ``"attention=torch,experts=..."``).
+    ``strict`` refuses any fallback. ``dtype`` is the activation dtype (default bfloat16, the
+    checkpoint's own; float32/float64 for checking).
+    """
+    from mxmoe.plugins import resolve_backends
+
+    from .checkpoint import load_checkpoint
+
+    device = torch.device(device)
+    dtype = parse_dtype(dtype or "bfloat16")
+    config, weights, _layout = load_checkpoint(path, progress=progress)
+    resolution = resolve_backends(backend, device=device, dtype=dtype, strict=strict)
+    return GptOss(config, weights, resolution.ops, dtype=dtype, device=device, model_dir=path,
+                  resolution=resolution)
