@@ -1,0 +1,381 @@
+"""Checkpoints: the three layouts round-trip, Hugging Face reads ours, tensors are mapped, bad input is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from mxmoe.core import checkpoint as ck
+from mxmoe.core import mxfp4
+from mxmoe.core.checkpoint import CheckpointError
+from mxmoe.core.config import preset
+
+CONFIG = preset("tiny", vocab_size=512)
+SHARD = 100_000  # bytes: small enough that the tiny HF checkpoints are written in several shards
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory) -> dict[str, Path]:
+    """One random model (seed 0), streamed in every layout."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for layout in ck.LAYOUTS:
+        out[layout] = root / layout
+        ck.write_random_checkpoint(out[layout], CONFIG, layout, seed=0, max_shard_bytes=SHARD)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference() -> ck.ModelWeights:
+    return ck.random_weights(CONFIG, seed=0)
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _flat(w: ck.ModelWeights) -> dict[str, torch.Tensor]:
+    """Every canonical tensor, experts dense in float32."""
+    out = {"embedding": w.embedding, "norm": w.norm_scale, "unembedding": w.unembedding}
+    for i, b in enumerate(w.blocks):
+        for k, v in vars(b.attn).items():
+            out[f"{i}.attn.{k}"] = v
+        for k in ("norm_scale", "gate_weight", "gate_bias"):
+            out[f"{i}.mlp.{k}"] = getattr(b.mlp, k)
+        for n, lin in (("mlp1", b.mlp.mlp1), ("mlp2", b.mlp.mlp2)):
+            out[f"{i}.{n}.bias"] = lin.bias
+            out[f"{i}.{n}.weight"] = lin.dense(torch.float32)
+    return out
+
+
+def _assert_same(a: ck.ModelWeights, b: ck.ModelWeights) -> None:
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert fa[k].shape == fb[k].shape and torch.equal(fa[k].float(), fb[k].float()), k
+
+
+# ---- round trips --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ck.LAYOUTS)
+def test_streamed_random_checkpoint_loads_as_random_weights(written, reference, layout):
+    config, weights, found = ck.load_checkpoint(written[layout])
+    assert found == layout == ck.detect_layout(written[layout])
+    assert config == CONFIG
+    _assert_same(weights, reference)
+    mlp1 = weights.blocks[1].mlp.mlp1
+    if layout == "hf-bf16":
+        assert not mlp1.is_mxfp4 and mlp1.weight.dtype == torch.bfloat16
+        # dense experts are exactly the dequantized MXFP4 ones
+        ref = reference.blocks[1].mlp.mlp1
+        assert torch.equal(mlp1.weight, mxfp4.dequantize(ref.blocks, ref.scales, torch.bfloat16))
+    else:
+        assert mlp1.is_mxfp4 and mlp1.blocks.dtype == torch.uint8
+        assert torch.equal(mlp1.blocks, reference.blocks[1].mlp.mlp1.blocks)
+
+
+@pytest.mark.parametrize("layout", ck.LAYOUTS)
+def test_write_checkpoint_round_trip(tmp_path, reference, layout):
+    ck.write_checkpoint(tmp_path / "w", CONFIG, reference, layout, max_shard_bytes=SHARD)
+    config, weights, found = ck.load_checkpoint(tmp_path / "w")
+    assert (config, found) == (CONFIG, layout)
+    _assert_same(weights, reference)
+    # loaded weights write back to the same bytes (hf-bf16 → hf-bf16; MXFP4 layouts → any)
+    ck.write_checkpoint(tmp_path / "again", config, weights, layout, max_shard_bytes=SHARD)
+    for f in sorted((tmp_path / "w").iterdir()):
+        assert f.read_bytes() == (tmp_path / "again" / f.name).read_bytes(), f.name
+
+
+def test_layouts_on_disk(written):
+    hf, orig, bf16 = written["hf"], written["original"], written["hf-bf16"]
+    assert sorted(p.name for p in orig.iterdir()) == ["config.json", "model.safetensors"]
+    assert set(json.loads((orig / "config.json").read_text())) == set(CONFIG.original_dict())
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for s in shards for t in load_file(hf / s).values())
+    assert json.loads((hf / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
+    assert "quantization_config" not in json.loads((bf16 / "config.json").read_text())
+    # the streamed single file is a valid safetensors file for safetensors itself
+    with safe_open(orig / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("block.1.mlp.mlp2_weight.blocks").shape == (8, 64, 2, 16)
+        assert len(list(f.keys())) == 2 + 1 + 15 * CONFIG.num_hidden_layers
+
+
+def test_repo_root_with_original_folder(written, tmp_path):
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(written["hf"] / "config.json", root / "config.json")
+    shutil.copytree(written["original"], root / "original")
+    assert ck.detect_layout(root) == "original"
+    # ... but only when the root itself has no weights
+    for f in written["hf"].iterdir():
+        shutil.copy(f, root / f.name)
+    assert ck.detect_layout(root) == "hf"
+
+
+def test_random_weights_are_seeded_and_moderate():
+    a, b, c = ck.random_weights(CONFIG, 0), ck.random_weights(CONFIG, 0), ck.random_weights(CONFIG, 1)
+    _assert_same(a, b)
+    assert not torch.equal(a.embedding, c.embedding)
+    blk = a.blocks[0]
+    assert blk.attn.qkv_weight.dtype == torch.bfloat16 and blk.mlp.mlp1.blocks.dtype == torch.uint8
+    assert 0 < blk.attn.qkv_bias.abs().max() < 0.2 and blk.attn.sinks.unique().numel() == 4
+    assert not torch.all(blk.attn.norm_scale == 1) and (blk.attn.norm_scale - 1).abs().max() <= 0.21
+    # expert weights: r.m.s. ~ 1/sqrt(fan_in), so one expert maps O(1) inputs to O(1) outputs
+    for lin, fan_in in ((blk.mlp.mlp1, CONFIG.hidden_size), (blk.mlp.mlp2, CONFIG.intermediate_size)):
+        rms = lin.dense(torch.float32).pow(2).mean().sqrt().item()
+        assert 0.5 < rms * fan_in**0.5 < 2, rms
+    # logits of a random model are neither flat nor one-hot: unembed a normalised random state
+    x = torch.randn(16, CONFIG.hidden_size, generator=torch.Generator().manual_seed(0))
+    logits = x @ a.unembedding.float().T
+    p = logits.softmax(-1)
+    assert 0.5 < logits.std() < 3 and p.max() < 0.5
+
+
+def test_fp4_scales_for_gpt_oss_20b_fan_in():
+    # fan-in 2880 → E8M0 exponents 2^-9 … 2^-7 (bytes 118 … 120)
+    assert ck._fp4_scale_exponent(2880) == -8
+
+
+# ---- Hugging Face as the independent oracle of the layout -----------------------------------------
+
+def _hf_model(path: Path, **kwargs):
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.GptOssForCausalLM.from_pretrained(
+        str(path), dtype=torch.float32, output_loading_info=True, **kwargs)
+    for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info[k], (k, info[k])
+    return model.state_dict()
+
+
+def _ours_as_hf(w: ck.ModelWeights) -> dict[str, torch.Tensor]:
+    q, kv = CONFIG.q_dim, CONFIG.kv_dim
+    out = {"model.embed_tokens.weight": w.embedding, "model.norm.weight": w.norm_scale, "lm_head.weight": w.unembedding}
+    for i, b in enumerate(w.blocks):
+        p = f"model.layers.{i}."
+        a, m = b.attn, b.mlp
+        for j, (name, n) in enumerate((("q", q), ("k", kv), ("v", kv))):
+            start = (0, q, q + kv)[j]
+            out[p + f"self_attn.{name}_proj.weight"] = a.qkv_weight[start:start + n]
+            out[p + f"self_attn.{name}_proj.bias"] = a.qkv_bias[start:start + n]
+        out.update({p + "self_attn.sinks": a.sinks, p + "self_attn.o_proj.weight": a.out_weight,
+                    p + "self_attn.o_proj.bias": a.out_bias, p + "input_layernorm.weight": a.norm_scale,
+                    p + "post_attention_layernorm.weight": m.norm_scale, p + "mlp.router.weight": m.gate_weight,
+                    p + "mlp.router.bias": m.gate_bias,
+                    p + "mlp.experts.gate_up_proj": m.mlp1.dense(torch.float32).transpose(1, 2),
+                    p + "mlp.experts.gate_up_proj_bias": m.mlp1.bias,
+                    p + "mlp.experts.down_proj": m.mlp2.dense(torch.float32).transpose(1, 2),
+                    p + "mlp.experts.down_proj_bias": m.mlp2.bias})
+    return out
+
+
+def test_transformers_loads_our_hf_bf16(written, reference):
+    theirs = _hf_model(written["hf-bf16"])
+    ours = _ours_as_hf(reference)
+    assert theirs.keys() == ours.keys()
+    for k, v in ours.items():
+        assert theirs[k].shape == v.shape and torch.equal(theirs[k], v.float()), k
+
+
+def test_transformers_dequantizes_our_hf_mxfp4(written, reference):
+    transformers = pytest.importorskip("transformers")
+    # On the CPU transformers cannot run MXFP4 natively; dequantize=True is its documented CPU path.
+    theirs = _hf_model(written["hf"], quantization_config=transformers.Mxfp4Config(dequantize=True))
+    ours = _ours_as_hf(reference)
+    assert theirs.keys() == ours.keys()
+    for k, v in ours.items():
+        assert torch.equal(theirs[k].float(), v.float()), k
+
+
+# ---- memory mapping -------------------------------------------------------------------------------
+
+def _file_mappings() -> list[tuple[int, int, str]]:
+    maps = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            maps.append((lo, hi, parts[5]))
+    return maps
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc/self/maps")
+@pytest.mark.parametrize("layout", ck.LAYOUTS)
+def test_loaded_tensors_are_views_of_the_files(written, layout):
+    _, w, _ = ck.load_checkpoint(written[layout])
+    mlp2 = w.blocks[1].mlp.mlp2
+    tensors = {"embedding": w.embedding, "unembedding": w.unembedding, "sinks": w.blocks[0].attn.sinks,
+               "mlp2": mlp2.blocks if mlp2.is_mxfp4 else mlp2.weight}
+    maps = _file_mappings()
+    files = {}
+    for what, t in tensors.items():
+        ptr = t.data_ptr()
+        files[what] = [Path(name) for lo, hi, name in maps if lo <= ptr < hi]
+        assert files[what] and files[what][0].parent == written[layout].resolve(), (what, files[what])
+    if layout == "hf-bf16":  # (E, I, D) on disk, (E, D, I) loaded: a transposed view, not a copy
+        assert mlp2.weight.stride(1) == 1
+    # the mapping is private: writing into a loaded tensor never changes the file
+    before = files["embedding"][0].read_bytes()
+    w.embedding[0, 0] += 1
+    assert files["embedding"][0].read_bytes() == before
+
+
+def test_safetensors_file_maps_without_copy(written):
+    f = ck.SafetensorsFile(written["original"] / "model.safetensors")
+    lo, hi = f.mapped_range()
+    t = f.get("embedding.weight")
+    assert lo <= t.data_ptr() < hi and t.data_ptr() + t.numel() * 2 <= hi
+
+
+# ---- bad input: every error names the file, the tensor, what was expected and what was found --------
+
+def _rewrite(path: Path, edit) -> None:
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(CheckpointError) as e:
+        ck.load_checkpoint(path)
+    return str(e.value)
+
+
+def _assert_names(msg: str, *parts: str) -> None:
+    for p in parts:
+        assert p in msg, f"{p!r} not in: {msg}"
+
+
+def test_missing_tensor(written, tmp_path):
+    d = _copy(written["original"], tmp_path)
+    _rewrite(d / "model.safetensors", lambda t: t.pop("block.1.attn.sinks"))
+    _assert_names(_error(d), "model.safetensors", "'block.1.attn.sinks'", "expected shape (4,)",
+                  "num_attention_heads", "found no such tensor")
+
+
+def test_extra_tensor(written, tmp_path):
+    d = _copy(written["original"], tmp_path)
+    _rewrite(d / "model.safetensors", lambda t: t.update({"block.2.attn.sinks": torch.zeros(4, dtype=torch.bfloat16)}))
+    _assert_names(_error(d), "model.safetensors", "'block.2.attn.sinks'", "expected no such tensor",
+                  "2 layers", "found one")
+
+
+def test_wrong_shape(written, tmp_path):
+    d = _copy(written["hf"], tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shard = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][name]
+    _rewrite(d / shard, lambda t: t.update({name: t[name][:, :32].contiguous()}))
+    _assert_names(_error(d), shard, repr(name), "expected shape (64, 64)",
+                  "(num_attention_heads*head_dim, hidden_size from config.json)", "found (64, 32)")
+
+
+def test_wrong_dtype(written, tmp_path):
+    d = _copy(written["original"], tmp_path)
+    name = "block.0.mlp.mlp1_weight.scales"
+    _rewrite(d / "model.safetensors", lambda t: t.update({name: t[name].to(torch.int16)}))
+    _assert_names(_error(d), "model.safetensors", repr(name), "expected dtype uint8", "found int16")
+
+
+def test_truncated_file(written, tmp_path):
+    d = _copy(written["original"], tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])
+    # the last tensor in the file is the one cut off
+    infos = ck.SafetensorsFile(written["original"] / "model.safetensors").tensors
+    last = max(infos, key=lambda k: infos[k].begin)
+    _assert_names(_error(d), "model.safetensors", repr(last), "expected its data at bytes", "truncated",
+                  f"{len(data) - 100} bytes")
+    f.write_bytes(data[:20])  # header cut
+    _assert_names(_error(d), "model.safetensors", "expected a JSON header of", "found a file of only 20 bytes")
+
+
+def test_index_points_at_missing_shard(written, tmp_path):
+    d = _copy(written["hf"], tmp_path)
+    weight_map = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.mlp.router.bias"
+    (d / weight_map[name]).unlink()
+    _assert_names(_error(d), "model.safetensors.index.json", repr(name),
+                  f"expected its shard {weight_map[name]!r}", "found no such file")
+
+
+def test_config_disagrees_with_tensors(written, tmp_path):
+    d = _copy(written["hf"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_local_experts"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    shard = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][
+        "model.layers.0.mlp.router.weight"]
+    _assert_names(_error(d), f"{shard}: tensor 'model.layers.0.mlp.router.weight': expected shape (4, 64) "
+                  "(num_local_experts, hidden_size from config.json), found (8, 64)")
+
+
+def test_unknown_config_key(written, tmp_path):
+    d = _copy(written["original"], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_expert"] = 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    _assert_names(_error(d), "config.json", "unknown key 'num_expert'", "known keys", "num_experts")
+
+
+def test_config_format_must_match_layout(written, tmp_path):
+    d = _copy(written["original"], tmp_path)
+    shutil.copy(written["hf"] / "config.json", d / "config.json")
+    _assert_names(_error(d), "config.json", "expected an original config.json", "found a Hugging Face one")
+
+
+def test_write_is_atomic(tmp_path, reference):
+    broken = ck.ModelWeights(embedding=reference.embedding, blocks=reference.blocks[:1],
+                             norm_scale=reference.norm_scale, unembedding=reference.unembedding)
+    with pytest.raises(IndexError):
+        ck.write_checkpoint(tmp_path / "out", CONFIG, broken, "hf", max_shard_bytes=SHARD)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="non-empty"):
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "x").write_text("x")
+        ck.write_random_checkpoint(tmp_path / "full", CONFIG, "hf")
+
+
+def test_dense_experts_cannot_be_written_as_mxfp4(written, tmp_path):
+    _, w, _ = ck.load_checkpoint(written["hf-bf16"])
+    with pytest.raises(CheckpointError, match="quantizing is lossy"):
+        ck.write_checkpoint(tmp_path / "out", CONFIG, w, "original")
+
+
+# ---- command line ---------------------------------------------------------------------------------
+
+def test_cli_random_and_inspect(tmp_path, capsys):
+    from mxmoe.core.cli import main
+
+    out = tmp_path / "rand"
+    assert main(["checkpoint", "random", "--preset", "tiny", "--format", "hf", "--seed", "3",
+                 "--set", "vocab_size=256", "--set", "num_experts=4", "--max-shard-mb", "0.05", str(out)]) == 0
+    config, w, layout = ck.load_checkpoint(out)
+    assert (layout, config.vocab_size, config.num_experts) == ("hf", 256, 4)
+    _assert_same(w, ck.random_weights(config, seed=3))
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(config.to_hf_dict()))
+    assert main(["checkpoint", "random", "--config", str(cfg_file), "--set", "num_hidden_layers=1",
+                 "--format", "original", str(tmp_path / "orig")]) == 0
+    assert ck.load_checkpoint(tmp_path / "orig")[0].num_hidden_layers == 1
+
+    capsys.readouterr()
+    assert main(["checkpoint", "inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    _assert_names(text, "layout:    hf", f"tensors:   {3 + 19 * 2}", '"num_experts": 4', "MiB")
+
+    assert main(["checkpoint", "random", "--set", "num_experts=x", str(tmp_path / "bad")]) == 2
+    assert "num_experts" in capsys.readouterr().err and not (tmp_path / "bad").exists()
