@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mxmoe.core.backend import Backend, Capabilities, Linear, NotSupported
+from mxmoe.core.backend import Backend, Capabilities, Linear, NotSupported, Probe
 from mxmoe.core.batch import Batch
 from mxmoe.core.weights import ExpertLinear
 
@@ -33,6 +33,11 @@ class TorchBackend(Backend):
         cuda_graphs=False,  # data-dependent loops over sequences and experts (host syncs)
         determinism="bitwise",
     )
+
+    def probe(self, device=None):
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            return Probe(False, "no CUDA device (torch.cuda.is_available() is False)")
+        return Probe(True)
 
     # ---- weights -----------------------------------------------------------------------------------
     def prepare_linear(self, weight, bias, dtype, device):

@@ -10,6 +10,7 @@ import sys
 _COMMAND_MODULES = [
     "mxmoe.core.generate",  # generate
     "mxmoe.core.checkpoint",  # checkpoint random / checkpoint inspect
+    "mxmoe.plugins.cli",  # backends
 ]
 
 

@@ -1,0 +1,157 @@
+"""``compile`` — the reference engine's ops run through ``torch.compile``.
+
+Pure ops are the reference methods, compiled whole. Attention and the experts keep the reference's
+loop over sequences / experts in Python (it is data-dependent) and compile each iteration's body,
+which mirrors the reference line for line (see mxmoe/backends/reference.py).
+
+Shape legend: T tokens, D hidden, d head_dim, Hq/Hkv query/KV heads, n tokens of one sequence (or
+routed to one expert), L keys of one sequence, I intermediate.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+
+from mxmoe.backends.reference import TorchBackend, _Experts, swiglu
+from mxmoe.core.backend import Probe
+from mxmoe.core.batch import Batch
+
+ENV_COMPILER = "MXMOE_COMPILE_BACKEND"  # the torch.compile backend; default "inductor"
+
+_REF = TorchBackend()
+
+
+def compiler() -> str:
+    return os.environ.get(ENV_COMPILER, "").strip() or "inductor"
+
+
+class _Compiled:
+    """``torch.compile(fn)``, made on first call so that importing this plugin never fails."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        self.fn, self.compiled, self.backend = fn, None, None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is None or self.backend != compiler():
+            self.backend = compiler()
+            # dynamic: one graph for every number of tokens, so prefill and decode share it.
+            self.compiled = torch.compile(self.fn, backend=self.backend, dynamic=True)
+        return self.compiled(*args)
+
+
+# ---- the compiled pieces ---------------------------------------------------------------------------
+_embedding = _Compiled(_REF.embedding)
+_rms_norm = _Compiled(_REF.rms_norm)
+_linear = _Compiled(_REF.linear)
+_rope = _Compiled(_REF.rope)
+_router = _Compiled(_REF.router)
+
+
+@_Compiled
+def _sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                        q_pos: torch.Tensor, sliding_window: int, sm_scale: float) -> torch.Tensor:
+    """One sequence: q (n, Hq, d) in the compute dtype, its keys/values (L, Hkv, d) → (n, Hq, d)."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q, k) * sm_scale  # (Hq, n, L)
+    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]  # (1, L)
+    allowed = k_pos <= q_pos[:, None]
+    if sliding_window:
+        allowed &= q_pos[:, None] - k_pos < sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    sink = sinks.to(q.dtype)[:, None, None].expand(Hq, q.shape[0], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("hnl,lhd->nhd", probs, v)
+
+
+@_Compiled
+def _expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                alpha: float, limit: float) -> torch.Tensor:
+    """One expert on its n tokens: (n, D) → (n, D) = mlp2(SwiGLU(mlp1(x)))."""
+    h = torch.nn.functional.linear(x, w1, b1)  # (n, 2I)
+    return torch.nn.functional.linear(swiglu(h, alpha, limit), w2, b2)  # (n, D)
+
+
+class CompileBackend(TorchBackend):
+    name = "compile"
+    version = "0.1.0"
+    api_version = ">=1.0,<2"
+    priority = 5  # below the reference: compiling costs seconds per op, so it is chosen by name only
+    # Same claims as the reference, except that fused kernels round differently (not bitwise).
+    capabilities = TorchBackend.capabilities.model_copy(update={"determinism": "run_to_run"})
+
+    def probe(self, device: torch.device | str | None = None) -> Probe:
+        try:
+            from torch._dynamo import is_dynamo_supported
+
+            if not is_dynamo_supported():
+                return Probe(False, "torch.compile (dynamo) is not supported on this Python/platform")
+        except Exception as e:  # a broken torch install is a reason, not a crash
+            return Probe(False, f"torch.compile unusable: {type(e).__name__}: {e}")
+        kind = torch.device(device or "cpu").type
+        if kind == "cuda" and not torch.cuda.is_available():
+            return Probe(False, "no CUDA device")
+        backend = compiler()
+        if backend != "inductor":
+            from torch._dynamo import list_backends
+
+            if backend not in list_backends(exclude_tags=()):
+                return Probe(False, f"{ENV_COMPILER}={backend!r} is not a torch.compile backend")
+            return Probe(True, f"torch.compile backend {backend!r}")
+        if kind == "cpu":
+            cxx = [c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)]
+            if not cxx:
+                return Probe(False, "inductor needs a C++ compiler on the CPU and none was found (set CXX or "
+                                    f"install g++), or set {ENV_COMPILER}=aot_eager")
+            return Probe(True, f"torch.compile with inductor, C++ compiler {cxx[0]}")
+        if kind == "cuda" and importlib.util.find_spec("triton") is None:
+            return Probe(False, "inductor needs triton on CUDA and it is not installed")
+        return Probe(True, f"torch.compile with inductor on {kind}")
+
+    # ---- ops (weights are prepared exactly as the reference does) ---------------------------------
+    def embedding(self, token_ids, weight):
+        return _embedding(token_ids, weight)
+
+    def rms_norm(self, x, scale, eps):
+        return _rms_norm(x, scale, eps)
+
+    def linear(self, x, layer):
+        return _linear(x, layer)
+
+    def rope(self, q, k, positions, inv_freq, concentration):
+        return _rope(q, k, positions, inv_freq, concentration)
+
+    def router(self, x, gate, top_k):
+        return _router(x, gate, top_k)
+
+    def attention(self, q, k, v, sinks, k_cache, v_cache, batch: Batch, sliding_window, sm_scale):
+        Hkv, d = k.shape[1], k.shape[2]
+        k_cache.view(-1, Hkv, d)[batch.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, Hkv, d)[batch.slot_mapping] = v.to(v_cache.dtype)
+        compute = torch.promote_types(q.dtype, torch.float32)
+        out = torch.empty_like(q)
+        for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
+                                        batch.cache_rows.tolist(), batch.context_lens.tolist()):
+            o = _sequence_attention(q[start:end].to(compute), k_cache[row, :ctx].to(compute),
+                                    v_cache[row, :ctx].to(compute), sinks, batch.positions[start:end],
+                                    sliding_window, sm_scale)
+            out[start:end] = o.to(q.dtype)
+        return out
+
+    def experts(self, x, expert_weights, expert_indices, experts: _Experts, swiglu_alpha, swiglu_limit):
+        T, D = x.shape
+        out = torch.zeros(T, D, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+        xc = x.to(experts.dtype)
+        for e in torch.unique(expert_indices).tolist():
+            token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
+            y = _expert_mlp(xc[token], experts.mlp1.expert_weight(e, experts.dtype), experts.mlp1.bias[e],
+                            experts.mlp2.expert_weight(e, experts.dtype), experts.mlp2.bias[e],
+                            swiglu_alpha, swiglu_limit)  # (n, D)
+            out.index_add_(0, token, (y * expert_weights[token, slot, None]).to(out.dtype))
+        return out.to(x.dtype)
