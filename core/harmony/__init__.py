@@ -1,0 +1,1 @@
+"""Harmony chat format: messages, renderer, streaming parser (openai-harmony compatible)."""
