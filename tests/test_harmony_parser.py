@@ -1,0 +1,245 @@
+"""Streaming parser: agreement with openai-harmony, lenient mode never raises, strict mode raises only
+HarmonyParseError, UTF-8 buffering, round trips, and tool calls."""
+
+from __future__ import annotations
+
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import _harmony_oracle as O
+from mxmoe.core.harmony.messages import Message
+from mxmoe.core.harmony.parser import HarmonyParseError, StreamParser, parse_tokens
+from mxmoe.core.harmony.render import Renderer
+from mxmoe.core.harmony.tools import extract_tool_calls, tool_result_message
+from mxmoe.core.tokenizer import CALL, CHANNEL, CONSTRAIN, END, MESSAGE, RETURN, START
+
+oh = O.oh
+_SETTINGS = settings(max_examples=O.examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return O.tokenizer()
+
+
+@st.composite
+def completion(draw):
+    """What the model writes after ``<|start|>assistant``: analysis/commentary messages, then a final answer
+    or a tool call (recipient with or without <|constrain|>json, on commentary or analysis)."""
+    msgs = draw(st.lists(O.assistant_message(allow_call=False, channels=("analysis", "commentary")), max_size=3))
+    last = draw(O.assistant_message())
+    if last.recipient is None and last.content_type is not None:
+        last.content_type = None
+    msgs.append(last)
+    enc = O.oracle()
+    ids = []
+    for m in msgs:
+        ids += enc.render(m)
+    assert ids[:2] == [START, 173781]  # <|start|>assistant
+    ids = ids[2:]
+    if last.recipient is None and last.channel == "final" and draw(st.booleans()):
+        ids[-1] = RETURN
+    return msgs, ids
+
+
+@_SETTINGS
+@given(completion())
+def test_parse_completion_matches_oracle(tok, sample):
+    msgs, ids = sample
+    theirs = [m.to_dict() for m in O.oracle().parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)]
+    for strict in (True, False):
+        result = parse_tokens(tok, ids, "assistant", strict=strict)
+        assert [m.to_dict() for m in result.messages] == theirs
+        assert result.issues == []
+    assert theirs == [m.to_dict() for m in msgs]
+
+
+@_SETTINGS
+@given(O.conversation())
+def test_parse_rendered_conversation_matches_oracle(tok, conv):
+    """A whole rendered conversation read back (role=None): text messages come back as harmony reads them."""
+    enc = O.oracle()
+    ids = enc.render_conversation(conv, oh.RenderConversationConfig(auto_drop_analysis=False))
+    ours = parse_tokens(tok, ids, None, strict=False)
+    try:
+        theirs = [m.to_dict() for m in enc.parse_messages_from_completion_tokens(ids, None)]
+    except Exception:
+        return  # the oracle rejects some (e.g. user:name headers); lenient mode must still not raise
+    # harmony reads "<|channel|>x json" as recipient "json"; we read it as the content type it was written as
+    if any(m.content_type is not None and m.recipient is None for m in conv.messages):
+        return
+    assert [m.to_dict() for m in ours.messages] == theirs
+
+
+@_SETTINGS
+@given(completion(), st.data())
+def test_streaming_deltas_rebuild_messages(tok, sample, data):
+    _, ids = sample
+    ids = ids[:data.draw(st.integers(0, len(ids)))]  # truncated anywhere
+    parser = StreamParser(tok, "assistant")
+    deltas = []
+    for t in ids:
+        deltas += parser.process(t)
+    deltas += parser.process_eos()
+    whole = parse_tokens(tok, ids, "assistant")
+    texts = {}
+    for d in deltas:
+        if d.kind == "content":
+            texts[d.message_index] = texts.get(d.message_index, "") + d.text
+    assert [texts.get(i, "") for i in range(len(parser.messages))] == [m.text for m in parser.messages]
+    assert [m.to_dict() for m in parser.messages] == [m.to_dict() for m in whole.messages]
+    ends = [d for d in deltas if d.kind == "end"]
+    assert [(d.channel, d.recipient, d.content_type) for d in ends] == \
+        [(m.channel, m.recipient, m.content_type) for m in parser.messages]
+
+
+_TOKEN = st.one_of(st.sampled_from([START, END, MESSAGE, CHANNEL, CONSTRAIN, RETURN, CALL, 199998, 199999, 200100,
+                                    201087, 173781, 12606, 815, 17196, 1721, 316, 28, 44580, 4108]),
+                   st.integers(0, 201087), st.integers(0, 255))
+
+
+@settings(max_examples=O.examples(300), deadline=None)
+@given(st.lists(_TOKEN, max_size=60), st.sampled_from(["assistant", None, "user"]))
+def test_random_streams_lenient_never_raises_strict_raises_only_its_error(tok, ids, role):
+    parser = StreamParser(tok, role)
+    for t in ids:
+        parser.process(t)
+    parser.process_eos()
+    for i in parser.issues:
+        assert isinstance(i.reason, str) and 0 <= i.position <= len(ids)
+    try:
+        parse_tokens(tok, ids, role, strict=True)
+    except HarmonyParseError as e:
+        assert 0 <= e.position <= len(ids) and e.reason
+
+
+@settings(max_examples=O.examples(100), deadline=None)
+@given(completion(), st.data())
+def test_truncated_and_corrupted_streams(tok, sample, data):
+    _, ids = sample
+    ids = list(ids)
+    for _ in range(data.draw(st.integers(0, 3))):
+        if ids:
+            ids[data.draw(st.integers(0, len(ids) - 1))] = data.draw(_TOKEN)
+    ids = ids[:data.draw(st.integers(0, len(ids)))]
+    result = parse_tokens(tok, ids, "assistant", strict=False)  # must not raise
+    assert all(isinstance(m, Message) for m in result.messages)
+
+
+def test_utf8_split_across_tokens_is_buffered(tok):
+    data = "é😀日".encode()
+    ids = [tok.encoding.encode_single_token(bytes([b])) for b in data]  # one token per byte
+    parser = StreamParser(tok, "assistant")
+    parser.feed([CHANNEL, *tok.encode("final"), MESSAGE])
+    texts = [d.text for t in ids for d in parser.process(t) if d.kind == "content"]
+    assert texts == ["é", "😀", "日"]
+    parser.process(RETURN)
+    assert parser.messages[0].text == "é😀日" and parser.done and parser.stop_token == RETURN
+
+
+def test_invalid_utf8(tok):
+    bad = [tok.encoding.encode_single_token(b) for b in (b"a", b"\xff", b"\xe6")]
+    ids = [CHANNEL, *tok.encode("final"), MESSAGE, *bad, END]
+    result = parse_tokens(tok, ids)
+    assert result.messages[0].text == "a\ufffd\ufffd"
+    assert len(result.issues) == 2
+    with pytest.raises(HarmonyParseError, match="invalid UTF-8"):
+        parse_tokens(tok, ids, strict=True)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{}<|call|>",
+     dict(channel="commentary", recipient="functions.get_weather", content_type="<|constrain|>json")),
+    (" to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{}<|call|>",
+     dict(channel="commentary", recipient="functions.get_weather", content_type="<|constrain|>json")),
+    ("<|channel|>analysis to=browser.search code<|message|>{}<|call|>",
+     dict(channel="analysis", recipient="browser.search", content_type="code")),
+    ("<|channel|>commentary to=functions.f<|constrain|>json<|message|>{}<|call|>",
+     dict(channel="commentary", recipient="functions.f", content_type="<|constrain|>json")),
+    ("<|channel|>commentary json<|message|>{}<|end|>", dict(channel="commentary", recipient=None, content_type="json")),
+])
+def test_header_variants(tok, text, expected):
+    result = parse_tokens(tok, tok.encode(text, allowed_special="all"), strict=True)
+    m = result.messages[0]
+    assert dict(channel=m.channel, recipient=m.recipient, content_type=m.content_type) == expected
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("<|channel|>final<|message|>a<|start|>assistant<|channel|>final<|message|>b<|return|>", "before <|end|>"),
+    ("<|channel|><|message|>a<|end|>", "without a channel name"),
+    ("<|channel|>final<|message|>a<|end|>junk<|channel|>final<|message|>b<|end|>", "expected <|start|>"),
+    ("<|channel|>final<|message|>a<|end|><|end|>", "<|end|> outside a message"),
+    ("<|channel|>final<|message|>a<|message|>b<|end|>", "inside content"),
+    ("<|channel|>final<|message|>a<|return|>more", "after the stream stopped"),
+    ("<|channel|>final<|end|>", "before <|message|>"),
+    ("<|channel|>final to=a to=b<|message|>x<|end|>", "second recipient"),
+])
+def test_malformed_lenient_recovers_strict_reports(tok, text, reason):
+    ids = tok.encode(text, allowed_special="all")
+    result = parse_tokens(tok, ids, continue_after_stop=False)
+    assert any(reason in i.reason for i in result.issues), result.issues
+    assert "".join(m.text for m in result.messages)  # the text is kept
+    with pytest.raises(HarmonyParseError, match=reason.replace("|", r"\|")) as info:
+        parse_tokens(tok, ids, strict=True, continue_after_stop=False)
+    assert 0 <= info.value.position <= len(ids)
+
+
+def test_stop_tokens_stop_the_stream(tok):
+    parser = StreamParser(tok, "assistant")
+    parser.feed(tok.encode("<|channel|>commentary to=functions.f<|message|>{}<|call|>", allowed_special="all"))
+    assert parser.done and parser.stop_token == CALL
+    parser.process(START)  # ignored, flagged
+    assert len(parser.messages) == 1 and "after the stream stopped" in parser.issues[-1].reason
+
+
+def test_truncated_message_is_closed(tok):
+    ids = tok.encode("<|channel|>final<|message|>Hello wor", allowed_special="all")
+    result = parse_tokens(tok, ids, strict=True)
+    assert result.truncated and result.messages[0].text == "Hello wor"
+    with pytest.raises(HarmonyParseError, match="inside a message header"):
+        parse_tokens(tok, tok.encode("<|channel|>fin", allowed_special="all"), strict=True)
+
+
+@_SETTINGS
+@given(completion())
+def test_parse_then_render_round_trips(tok, sample):
+    msgs, ids = sample
+    renderer = Renderer(tok)
+    parsed = parse_tokens(tok, ids, "assistant").messages
+    again = []
+    for m in parsed:
+        again += renderer.render_message(m)
+    again = again[2:]
+    if ids[-1] == RETURN:
+        again[-1] = RETURN
+    assert again == ids
+    if not any("<|" in m.text for m in parsed):  # text that looks like a special token decodes ambiguously
+        assert tok.encode(tok.decode(ids), allowed_special="all") == ids
+
+
+def test_tool_calls_and_results(tok):
+    text = ("<|channel|>analysis<|message|>Need weather.<|end|>"
+            "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+            '{"city": "Paris"}<|call|>')
+    parsed = parse_tokens(tok, tok.encode(text, allowed_special="all")).messages
+    ids = iter(["call_1"])
+    [call] = extract_tool_calls(parsed, id_factory=lambda: next(ids))
+    assert (call.id, call.namespace, call.name, call.parsed, call.error) == \
+        ("call_1", "functions", "get_weather", {"city": "Paris"}, None)
+    assert call.to_openai()["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    result = tool_result_message(call, {"temp": 21})
+    rendered = tok.decode(Renderer(tok).render_message(result))
+    assert rendered == ('<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>'
+                        '{"temp": 21}<|end|>')
+    # variants: recipient in the role part, analysis channel, python code, broken JSON
+    text = ("<|channel|>analysis to=python code<|message|>print(1)<|call|>")
+    [py] = extract_tool_calls(parse_tokens(tok, tok.encode(text, allowed_special="all")).messages)
+    assert (py.namespace, py.name, py.arguments, py.parsed) == ("python", "python", "print(1)", None)
+    text = ' to=functions.f<|channel|>analysis<|message|>{"a": 1} trailing<|call|>'
+    [f] = extract_tool_calls(parse_tokens(tok, tok.encode(text, allowed_special="all")).messages)
+    assert f.parsed == {"a": 1} and "extra text" in f.error
+    text = "<|channel|>commentary to=functions.f<|message|>{not json<|call|>"
+    [g] = extract_tool_calls(parse_tokens(tok, tok.encode(text, allowed_special="all")).messages)
+    assert g.parsed is None and "not valid JSON" in g.error
