@@ -75,8 +75,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         "Hugging Face MXFP4 or Hugging Face bf16. Default: a tiny random checkpoint.")
     p.add_argument("--prompt", default="The capital of France is", help="text to complete (default: %(default)r)")
     p.add_argument("--raw", action="store_true",
-                   help="send the prompt as plain text; by default it is wrapped as a harmony user message "
-                        "with the prompt ending in <|start|>assistant, as gpt-oss expects")
+                   help="send the prompt as plain text; by default it is rendered in the harmony chat format "
+                        "gpt-oss expects (system message, then the prompt as the user's message, ending in "
+                        "<|start|>assistant) and the raw reply, headers included, is streamed")
     p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
@@ -117,8 +118,11 @@ def _cli_generate(args: argparse.Namespace) -> int:
             prompt = tok.encode(args.prompt)
             stop = [tok.special("<|endoftext|>")]
         else:
-            prompt = (tok.encode("<|start|>user<|message|>", allowed_special="all") + tok.encode(args.prompt)
-                      + tok.encode("<|end|><|start|>assistant", allowed_special="all"))
+            from .harmony import Message, Renderer, Role
+            from .harmony.chat import preamble
+
+            conversation = preamble() + [Message.create(Role.USER, args.prompt)]
+            prompt = Renderer(tok).render_for_completion(conversation)
             stop = [tok.special("<|return|>"), tok.special("<|call|>"), tok.special("<|endoftext|>")]
         stream = model.generate(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, seed=args.seed, stop_tokens=stop)

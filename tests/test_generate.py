@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxmoe.core.checkpoint import write_random_checkpoint
+from mxmoe.core.cli import main
+from mxmoe.core.config import preset
+from mxmoe.core.generate import sample
+from mxmoe.core.model import load_model
+
+
+def test_greedy_is_argmax_and_breaks_ties_low():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits), logits.argmax(-1))
+    tied = torch.tensor([[0.0, 3.0, 3.0, 1.0]])
+    assert sample(tied).item() == 1
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.75 keeps {0, 1}; 0.81 also keeps 2; 0.3 only the top token.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()[None].expand(4000, 4)
+    g = torch.Generator().manual_seed(1)
+    for top_p, allowed in ((0.75, {0, 1}), (0.81, {0, 1, 2}), (0.3, {0})):
+        drawn = set(sample(logits, temperature=1.0, top_p=top_p, generator=g).tolist())
+        assert drawn == allowed, top_p
+
+
+def test_temperature_sampling_follows_the_softmax():
+    logits = torch.tensor([[1.0, 0.0, -1.0]]).expand(20000, 3)
+    g = torch.Generator().manual_seed(2)
+    counts = torch.bincount(sample(logits, temperature=2.0, generator=g), minlength=3).double() / 20000
+    expected = torch.softmax(torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64) / 2.0, dim=0)
+    assert (counts - expected).abs().max() < 0.015  # ~4 standard errors at n = 20000
+
+
+def test_bad_sampling_parameters():
+    with pytest.raises(ValueError, match="temperature >= 0 and 0 < top_p <= 1"):
+        sample(torch.zeros(1, 3), temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample(torch.zeros(1, 3), temperature=1.0, top_p=0.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    write_random_checkpoint(d, preset("tiny"), "hf", seed=7)  # the real vocabulary: the CLI decodes text
+    return d
+
+
+def test_cli_generate_streams_the_greedy_completion(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hi there", "--raw", "--max-tokens", "6",
+                 "--dtype", "float32"]) == 0
+    out, err = capsys.readouterr()
+    model = load_model(tiny_dir, backend="torch", dtype="float32")
+    tok = model.tokenizer
+    expected = list(model.generate(tok.encode("Hi there"), max_tokens=6,
+                                   stop_tokens=[tok.special("<|endoftext|>")]))
+    assert out == tok.decode(expected) + "\n"
+    assert "tokens/s" in err and f"{len(expected)} tokens" in err
+
+
+def test_cli_generate_renders_a_harmony_prompt(tiny_dir, capsys):
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--max-tokens", "3", "--dtype",
+                 "float32"]) == 0
+    _, err = capsys.readouterr()
+    # system message + user message + "<|start|>assistant": far more than the 1-2 tokens of "Hi".
+    prompt_len = int(err.split("prompt of ")[1].split(" tokens")[0])
+    assert prompt_len > 20
+
+
+def test_cli_generate_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--prompt", "--raw", "--max-tokens", "--temperature", "--top-p", "--seed", "--backend",
+                 "--strict", "--device", "--dtype"):
+        assert flag in out
