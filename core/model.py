@@ -163,6 +163,6 @@ def load_model(path: str | Path, backend: str | dict[str, str] | None = None, de
     device = torch.device(device)
     dtype = parse_dtype(dtype or "bfloat16")
     config, weights, _layout = load_checkpoint(path, progress=progress)
-    resolution = resolve_backends(backend, device=device, dtype=dtype, strict=strict)
+    resolution = resolve_backends(backend, device=device, dtype=dtype, strict=strict, model_config=config)
     return GptOss(config, weights, resolution.ops, dtype=dtype, device=device, model_dir=path,
                   resolution=resolution)
