@@ -1,0 +1,17 @@
+"""mxmoe.conformance — the suite every engine must pass, and the certificate it produces.
+
+    from mxmoe.conformance import run_suite
+    report = run_suite(MyBackend, levels=["L0", "L1"], device="cuda", derandomize=True)
+    report.summary.passed
+
+Levels: L0 interface, L1 ops, L2 blocks, L3 model (small random checkpoints), L4 real weights
+(optional). The oracle is the reference engine in float64 on the CPU; bounds are derived in
+:mod:`mxmoe.conformance.tolerances`. Command line: ``mxmoe conformance --backend NAME``.
+"""
+
+SUITE_VERSION = "1.0.0"
+
+from .case import Case, Status  # noqa: E402
+from .runner import DEFAULT_LEVELS, LEVELS, load_waivers, run_suite  # noqa: E402
+
+__all__ = ["SUITE_VERSION", "Case", "Status", "DEFAULT_LEVELS", "LEVELS", "load_waivers", "run_suite"]

@@ -11,6 +11,7 @@ _COMMAND_MODULES = [
     "mxmoe.core.generate",  # generate
     "mxmoe.core.checkpoint",  # checkpoint random / checkpoint inspect
     "mxmoe.plugins.cli",  # backends
+    "mxmoe.conformance.cli",  # conformance
     "mxmoe.core.harmony.cli",  # harmony render / harmony parse / chat
 ]
 

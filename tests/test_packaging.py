@@ -38,6 +38,7 @@ def test_wheel_contains_every_module_and_no_tests(wheel):
     for folder in PACKAGES.values():
         for py in (ROOT / folder).glob("*.py"):
             assert f"mxmoe/{py.relative_to(ROOT)}" in names, f"{py.relative_to(ROOT)} missing from the wheel"
+    assert "mxmoe/conformance/report_schema.json" in names  # the published report schema ships
     assert not [n for n in names if n.startswith(("tests/", "mxmoe/tests/"))]
     assert any(n.endswith("entry_points.txt") for n in names)
 

@@ -1,0 +1,207 @@
+"""The building blocks of the suite: a :class:`Case` (one row of the grid), the context it runs in, and
+the exceptions that turn into statuses.
+
+A case names the op under test, the capabilities it needs (``requires``: claim tokens, see
+:func:`unclaimed`), a hypothesis strategy over its shapes and values, explicit examples (the
+boundaries that must always run) and a ``run(ctx, draw) -> Outcome`` that calls the engine and the
+oracle on the same inputs and compares them with a derived bound.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Callable
+
+import torch
+
+from mxmoe.core.backend import Backend, Capabilities, NotSupported, dtype_name
+
+
+class Status(str, Enum):
+    PASS = "PASS"
+    FAIL = "FAIL"
+    NOT_SUPPORTED = "NOT_SUPPORTED"  # not claimed, and the engine correctly raised NotSupported
+    WAIVED = "WAIVED"  # failed (or errored), but the vendor's waiver file gives a reason
+    ERROR = "ERROR"  # the engine crashed
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes and example counts. ``quick`` for pytest, ``full`` for certification runs."""
+
+    name: str
+    examples: int  # hypothesis examples per case (besides the explicit ones)
+    long_context: int  # keys in the long-context attention case
+    big_k: int  # reduction length of the long linear case
+    model_tokens: int  # prompt tokens per sequence at level 3
+    generate_tokens: int
+
+
+QUICK = Profile("quick", examples=3, long_context=300, big_k=4096, model_tokens=24, generate_tokens=8)
+FULL = Profile("full", examples=12, long_context=1024, big_k=8192, model_tokens=48, generate_tokens=24)
+PROFILES = {"quick": QUICK, "full": FULL}
+
+
+@dataclass
+class Outcome:
+    """What one example of a case measured: the worst element's observed error and its bound."""
+
+    op: str  # the op the comparison blames
+    observed: float
+    bound: float
+    ratio: float  # observed / bound at the worst element (inf: bound 0 and a difference)
+    where: str = ""  # which output and element
+    metrics: dict[str, Any] = field(default_factory=dict)
+    message: str = ""  # set when the failure is not a plain numeric excess (wrong index, dtype, ...)
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio <= 1.0 and not self.message
+
+
+class CaseFailure(Exception):
+    """A comparison failed: carries the outcome and the draw that produced it."""
+
+    def __init__(self, outcome: Outcome, draw: dict):
+        super().__init__(describe(outcome))
+        self.outcome, self.draw = outcome, draw
+
+
+class EngineRefused(Exception):
+    def __init__(self, op: str, err: NotSupported):
+        super().__init__(f"{op}: raised NotSupported: {err}")
+        self.op, self.err = op, err
+
+
+class EngineCrash(Exception):
+    def __init__(self, op: str, err: BaseException):
+        tb = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-3))
+        super().__init__(f"{op}: {type(err).__name__}: {err}")
+        self.op, self.err, self.tb = op, err, tb
+
+
+def describe(o: Outcome) -> str:
+    if o.message:
+        return f"{o.op}: {o.message}"
+    return (f"{o.op}: error {o.observed:.3g} exceeds the bound {o.bound:.3g} (x{o.ratio:.3g})"
+            + (f" at {o.where}" if o.where else ""))
+
+
+@dataclass
+class Ctx:
+    """What a case's ``run`` works with: the engine under test, its dtype/device, and the oracle."""
+
+    engine: Backend
+    oracle: Backend  # the reference engine, run in float64 on the CPU
+    dtype: torch.dtype
+    device: torch.device
+    profile: Profile
+
+    @property
+    def small_dtype(self) -> torch.dtype:
+        # What the model hands engines for norm scales, sinks, rope frequencies: at least float32.
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def call(self, op: str, fn: Callable, *args, **kwargs):
+        """Call the engine: NotSupported → :class:`EngineRefused`, any other exception → :class:`EngineCrash`."""
+        try:
+            return fn(*args, **kwargs)
+        except NotSupported as e:
+            raise EngineRefused(op, e) from e
+        except (EngineRefused, EngineCrash, CaseFailure):
+            raise
+        except Exception as e:  # noqa: BLE001 — an engine bug of any kind is an ERROR, with its text
+            raise EngineCrash(op, e) from e
+
+    def to_engine(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return t.to(device=self.device, dtype=dtype or self.dtype)
+
+    def check_tensor(self, op: str, out: Any, shape: tuple, dtype: torch.dtype | None = None,
+                     what: str = "output") -> torch.Tensor:
+        """The engine's output must be a tensor of the right shape, dtype and device."""
+        dtype = dtype or self.dtype
+        if not isinstance(out, torch.Tensor):
+            raise CaseFailure(Outcome(op, 0, 0, float("inf"), message=f"{what} is {type(out).__name__}, not a tensor"), {})
+        problems = []
+        if tuple(out.shape) != tuple(shape):
+            problems.append(f"shape {tuple(out.shape)}, expected {tuple(shape)}")
+        if out.dtype != dtype:
+            problems.append(f"dtype {dtype_name(out.dtype)}, expected {dtype_name(dtype)} (the claimed dtype under test)")
+        if out.device.type != self.device.type:
+            problems.append(f"device {out.device}, expected {self.device}")
+        if problems:
+            raise CaseFailure(Outcome(op, 0, 0, float("inf"), message=f"{what} has " + "; ".join(problems)), {})
+        return out
+
+
+@dataclass(frozen=True)
+class Case:
+    level: str  # "L0" .. "L4"
+    op: str  # the op (or "interface", "block", "model") under test
+    name: str
+    run: Callable[[Ctx, dict], Outcome] = field(compare=False, repr=False)
+    strategy: Callable[[Profile], Any] | None = field(default=None, compare=False, repr=False)  # → hypothesis strategy of draws
+    examples: tuple[dict, ...] = ()  # explicit draws, always run first (boundaries)
+    requires: tuple[str, ...] = ()  # claim tokens
+    dtype: str | None = None  # activation dtype under test (None: dtype-independent)
+    description: str = ""
+    exact: bool = False  # bit-exact comparison (bound 0)
+    max_examples: int | None = None  # cap on hypothesis draws (expensive cases)
+
+    @property
+    def id(self) -> str:
+        base = f"{self.level}/{self.op}/{self.name}"
+        return f"{base}@{self.dtype}" if self.dtype else base
+
+
+def unclaimed(caps: Capabilities, token: str) -> str | None:
+    """None when ``caps`` claims ``token``; otherwise a phrase naming what is not claimed.
+
+    Tokens: ``op:NAME``, ``dtype:NAME``, ``device:TYPE``, ``sinks``, ``sliding_window``, ``mxfp4``,
+    ``dense_experts``, ``head_dim:N``, ``experts:N``, ``experts_per_token:N``, ``context:N``.
+    """
+    kind, _, arg = token.partition(":")
+    if kind == "op":
+        return None if arg in caps.ops else f"op {arg!r}"
+    if kind == "dtype":
+        return None if arg in caps.dtypes else f"dtype {arg}"
+    if kind == "device":
+        return None if arg in caps.devices else f"device {arg}"
+    if kind == "sinks":
+        return None if caps.attention_sinks else "attention sinks"
+    if kind == "sliding_window":
+        return None if caps.sliding_window else "sliding-window attention"
+    if kind == "mxfp4":
+        return None if caps.mxfp4 != "none" else "MXFP4 experts"
+    if kind == "dense_experts":
+        return None if caps.dense_experts else "dense (bf16) experts"
+    if kind == "head_dim":
+        return None if caps.head_dims is None or int(arg) in caps.head_dims else f"head_dim {arg}"
+    if kind == "experts":
+        return None if caps.max_experts is None or int(arg) <= caps.max_experts else f"{arg} experts"
+    if kind == "experts_per_token":
+        return None if caps.max_experts_per_token is None or int(arg) <= caps.max_experts_per_token \
+            else f"{arg} experts per token"
+    if kind == "determinism":  # a property, not a call: unclaimed means "not checked"
+        return None if caps.determinism != "none" else "determinism"
+    if kind == "context":
+        return None if caps.max_context is None or int(arg) <= caps.max_context else f"context of {arg} tokens"
+    raise ValueError(f"unknown claim token {token!r}")
+
+
+def claim_tokens(caps: Capabilities) -> list[str]:
+    """Every token the manifest claims that a case can exercise (for L0's coverage check)."""
+    toks = [f"op:{o}" for o in caps.ops] + [f"dtype:{d}" for d in caps.dtypes]
+    if caps.attention_sinks:
+        toks.append("sinks")
+    if caps.sliding_window:
+        toks.append("sliding_window")
+    if caps.mxfp4 != "none":
+        toks.append("mxfp4")
+    if caps.dense_experts:
+        toks.append("dense_experts")
+    for h in caps.head_dims or ():
+        toks.append(f"head_dim:{h}")
+    return toks

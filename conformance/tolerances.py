@@ -1,0 +1,301 @@
+"""Error bounds, derived rather than guessed: how far an *honest* engine may land from the float64 oracle.
+
+The oracle is the reference engine run in float64 on the CPU, on exactly the inputs the engine got
+(inputs are generated, rounded once to the engine's dtype, and upcast exactly for the oracle), so the
+only differences an honest engine may show are its own rounding errors. We bound them per output
+element, from the float64 operands, with the standard model of floating-point arithmetic
+``fl(a ∘ b) = (a ∘ b)(1 + δ), |δ| ≤ u``.
+
+Unit roundoffs ``u`` (half an ulp of 1): float64 2^-53, float32 2^-24, float16 2^-11, bfloat16 2^-8.
+An engine working in dtype ``dt`` stores activations in ``dt`` (``u_dt``) and accumulates reductions in
+at least float32 (``u_acc`` = u(float32) for 16-bit dtypes, ``u_dt`` otherwise). TF32 is not float32: an
+engine that uses it must not claim float32.
+
+Reductions (dot products, sums) of length K. Worst case (Higham, *Accuracy and Stability of Numerical
+Algorithms*, §3.1) ``|fl(Σ a_i b_i) - Σ a_i b_i| ≤ γ_K Σ|a_i b_i|`` with ``γ_K ≈ K u``, for any order.
+That worst case is so loose at K in the thousands that it would hide an engine that accumulates in
+bfloat16; we use the probabilistic bound of Higham & Mary (SIAM J. Sci. Comput. 41(5), 2019):
+with rounding errors independent and mean-zero, ``γ̃_K = λ √K u`` holds with probability at least
+``1 - 2 exp(-λ²(1-u)²/2)``: ``LAMBDA = 8`` gives a failure probability below 3e-14 per element, and we
+take ``min(K, λ√K)`` so that short reductions keep the deterministic bound.
+
+Per op (M = the same computation on absolute values, the "magnitude" pass; every term also
+multiplied by ``SAFETY``):
+
+* linear ``y = x Wᵀ + b``: ``2 u_dt (|y| + |b|)`` (the result, and possibly the product before the bias,
+  rounded to ``dt``) ``+ γ̃_K u_acc M`` with ``M = |x||W|ᵀ + |b|``.
+* rms_norm: ``(2 u_dt + (γ̃_D + 4) u_acc) |y|``: one or two roundings of the output (normalised, then
+  times the scale), the mean of squares (relative error γ̃_D, halved by the square root), rsqrt.
+* rope: per rotated pair ``(x1, x2)`` with angle θ: ``(4 u_dt + (2|θ| + 4) u_acc) c (|x1| + |x2|)``:
+  cos/sin rounded to ``dt``, two products and a sum in ``dt``; the angle ``p·f`` computed in float32
+  is off by ``u|θ|`` (twice that, for a conversion on the way) and cos/sin are 1-Lipschitz.
+* attention (per query, head, channel): a score error ``δs_j ≤ (u_dt + γ̃_d) s·Σ|q||k_j| + u_acc|s_j|``
+  moves the output by ``Σ_j p_j δs_j |v_j - o|`` (first-order derivative of softmax-weighted averages,
+  bounded by ``Σ_j p_j δs_j (|v_j| + |o|)``), plus rounding P to ``dt`` and the P·V accumulation
+  ``(u_dt + γ̃_L) Σ_j p_j |v_j|``, plus the output ``(u_dt + 8 u_acc)|o|`` (normalisation, exp).
+* experts: the first-order propagation through each chosen expert: ``δh`` from the mlp1 dot product
+  (as linear), through SwiGLU's derivatives (evaluated at the clamped point: conservative), ``δs =
+  |∂s/∂g| δg + |∂s/∂l| δl + (2 u_dt + 4 u_acc)|s|``, through mlp2 (``|W2| δs`` + its own dot-product
+  error), then the weighted sum over k in ``dt`` ``(k + 1) u_dt Σ_k |w_k y_k|``.
+* exact ops: embedding is a gather, MXFP4 dequantization is exact in bfloat16 and wider (every E2M1
+  value times every E8M0 power of two is representable, see core/mxfp4.py): bound 0, bit-exact.
+
+An absolute floor ``(K + 1) · tiny(dt)`` covers underflow to subnormals.
+
+Blocks and the model (levels 2, 3) compose many ops; instead of pushing formulas through the graph
+we *simulate* honest engines: :class:`NoisyOracle` is the float64 reference with every op's output
+perturbed by ± its own bound above (random signs and sizes in [½, 1] of the bound, plus the rounding
+of the residual stream, which the graph does in ``dt``). The bound of a block/model output row is
+``SAFETY_COMPOSED`` × the largest deviation seen over ``NOISY_DRAWS`` simulated engines. Model-level
+thresholds derived from that logit bound B (per row) are in :func:`kl_bound`.
+
+SAFETY is 2: the per-op bounds are already upper bounds (an honest engine's observed error is usually
+10-100× below them); the factor absorbs second-order terms the first-order analysis drops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+UNIT_ROUNDOFF = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+                 torch.bfloat16: 2.0 ** -8}
+LAMBDA = 8.0  # probabilistic rounding-error constant (Higham & Mary 2019): P(fail) < 2e^(-λ²/2) per element
+SAFETY = 2.0  # second-order terms dropped by the first-order analysis
+SAFETY_COMPOSED = 4.0  # blocks/model: × the largest deviation of NOISY_DRAWS simulated honest engines
+NOISY_DRAWS = 3
+
+F64 = torch.float64
+
+
+def u(dtype: torch.dtype) -> float:
+    """Unit roundoff of ``dtype``."""
+    return UNIT_ROUNDOFF[dtype]
+
+
+def u_acc(dtype: torch.dtype) -> float:
+    """Unit roundoff of the accumulator an honest engine uses for ``dtype``: at least float32."""
+    return min(u(dtype), u(torch.float32))
+
+
+def gamma(k: int, dtype: torch.dtype) -> float:
+    """Relative error of a length-``k`` reduction accumulated in ``u_acc(dtype)`` (see module docstring)."""
+    k = max(int(k), 1)
+    return min(float(k), LAMBDA * math.sqrt(k)) * u_acc(dtype)
+
+
+def floor(dtype: torch.dtype, k: int = 1) -> float:
+    return (k + 1) * torch.finfo(dtype).tiny
+
+
+# ---- per-op bounds: float64 operands in, per-element bound (float64, shape of the output) out ----------
+
+def linear_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """y (T, N) = x (T, K) wᵀ (N, K) + b (N,)."""
+    K = x.shape[-1]
+    absb = b.abs() if b is not None else torch.zeros((), dtype=F64)
+    mag = x.abs() @ w.abs().T + absb
+    return SAFETY * (2 * u(dtype) * (y.abs() + absb) + gamma(K, dtype) * mag) + floor(dtype, K)
+
+
+def rms_norm_bound(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    D = y.shape[-1]
+    return SAFETY * (2 * u(dtype) + (gamma(D, dtype) + 4 * u_acc(dtype))) * y.abs() + floor(dtype, D)
+
+
+def rope_bound(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, concentration: float,
+               dtype: torch.dtype) -> torch.Tensor:
+    """x (T, H, d) the input; bound for each output element of the rotated x."""
+    theta = (positions.to(F64)[:, None] * inv_freq.to(F64)[None, :]).abs()  # (T, d/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    mag = concentration * (x1.abs() + x2.abs())  # (T, H, d/2)
+    eps = 4 * u(dtype) + (2 * theta[:, None, :] + 4) * u_acc(dtype)
+    half = SAFETY * eps * mag + floor(dtype, 4)
+    return torch.cat((half, half), dim=-1)
+
+
+def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+                    batch, sliding_window: int, sm_scale: float, out: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """q (T, Hq, d), caches (rows, cache_len, Hkv, d) after the write, out (T, Hq, d): all float64."""
+    T, Hq, d = q.shape
+    Hkv = k_cache.shape[2]
+    ud, ua = u(dtype), u_acc(dtype)
+    bound = torch.empty_like(out)
+    for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
+                                    batch.cache_rows.tolist(), batch.context_lens.tolist()):
+        qs = q[start:end]  # (n, Hq, d)
+        ks = k_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
+        vs = v_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)
+        scores = torch.einsum("nhd,lhd->hnl", qs, ks) * sm_scale  # (Hq, n, L)
+        smag = torch.einsum("nhd,lhd->hnl", qs.abs(), ks.abs()) * sm_scale
+        q_pos = batch.positions[start:end].cpu()[:, None]
+        k_pos = torch.arange(ctx)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window:
+            allowed &= q_pos - k_pos < sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        sink = sinks.to(F64)[:, None, None].expand(Hq, end - start, 1)
+        p_all = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)
+        p, p_sink = p_all[..., :-1], p_all[..., -1:]  # (Hq, n, L), (Hq, n, 1)
+        ds = (ud + gamma(d, dtype)) * smag + ua * scores.abs().nan_to_num(posinf=0.0)  # (Hq, n, L)
+        ds = ds.masked_fill(~allowed, 0.0)
+        ds_sink = ud * sinks.to(F64).abs()[:, None, None]  # a sink kept in dt
+        pds = p * ds
+        o = out[start:end].permute(1, 0, 2)  # (Hq, n, d)
+        first = torch.einsum("hnl,lhd->hnd", pds, vs.abs()) + (pds.sum(-1, keepdim=True) + p_sink * ds_sink) * o.abs()
+        pv = torch.einsum("hnl,lhd->hnd", p, vs.abs())
+        L = max(int(ctx), 1)
+        b = first + (ud + gamma(L, dtype)) * pv + (ud + 8 * ua) * o.abs()
+        bound[start:end] = (SAFETY * b + floor(dtype, L + d)).permute(1, 0, 2)
+    return bound
+
+
+def swiglu_parts(h: torch.Tensor, alpha: float, limit: float):
+    """(s, ds/dg, ds/dl) of gpt-oss SwiGLU on interleaved h (..., 2I), derivatives at the clamped point."""
+    g = h[..., 0::2].clamp(max=limit)
+    lin = h[..., 1::2].clamp(min=-limit, max=limit)
+    sig = torch.sigmoid(alpha * g)
+    s = g * sig * (lin + 1)
+    dg = (sig * (1 + alpha * g * (1 - sig))).abs() * (lin + 1).abs()
+    dl = (g * sig).abs()
+    return s, dg, dl
+
+
+def experts_bound(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
+                  b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float,
+                  out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (T, D); weights/indices (T, k); w1 (E, 2I, D), b1 (E, 2I), w2 (E, D, I), b2 (E, D): float64."""
+    T, D = x.shape
+    k = indices.shape[1]
+    I = w2.shape[2]
+    ud, ua = u(dtype), u_acc(dtype)
+    acc = torch.zeros_like(out)
+    wy = torch.zeros_like(out)
+    for slot in range(k):
+        e = indices[:, slot].cpu()
+        W1, B1, W2, B2 = w1[e], b1[e], w2[e], b2[e]  # (T, 2I, D), (T, 2I), (T, D, I), (T, D)
+        h = torch.einsum("tnd,td->tn", W1, x) + B1
+        dh = 2 * ud * (h.abs() + B1.abs()) + gamma(D, dtype) * (torch.einsum("tnd,td->tn", W1.abs(), x.abs()) + B1.abs())
+        s, dg, dl = swiglu_parts(h, alpha, limit)
+        ds = dg * dh[:, 0::2] + dl * dh[:, 1::2] + (2 * ud + 4 * ua) * s.abs()
+        y = torch.einsum("tdi,ti->td", W2, s) + B2
+        mag2 = torch.einsum("tdi,ti->td", W2.abs(), s.abs()) + B2.abs()
+        dy = torch.einsum("tdi,ti->td", W2.abs(), ds) + 2 * ud * (y.abs() + B2.abs()) + gamma(I, dtype) * mag2
+        wk = weights[:, slot, None].abs()
+        acc += wk * dy
+        wy += wk * y.abs()
+    b = acc + (k + 1) * ud * wy + ud * out.abs()
+    return SAFETY * b + floor(dtype, D + I)
+
+
+def kl_bound(logit_bound_row: torch.Tensor) -> torch.Tensor:
+    """KL(p_oracle ‖ p_engine) per row when every logit of the row is off by at most B (the row's max bound).
+
+    With δ = engine - oracle logits, KL = log E_p[e^δ] - E_p[δ] ≤ (2B)²/8 = B²/2 by Hoeffding's lemma
+    (δ lies in an interval of width 2B).
+    """
+    return logit_bound_row.pow(2) / 2
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> dict:
+    """Observed error vs bound, element-wise; NaN must match NaN, ±inf must match exactly.
+
+    Returns ``ratio`` (max over elements of err/bound; inf when an element with bound 0 differs or NaNs
+    disagree), the worst element's ``observed``/``bound``/``index``, and ``max_abs_err``.
+    """
+    o = out.detach().to("cpu", F64)
+    r = ref.detach().to("cpu", F64)
+    if o.shape != r.shape:
+        return dict(ratio=math.inf, observed=math.inf, bound=0.0, max_abs_err=math.inf, index=None,
+                    note=f"shape {tuple(o.shape)}, expected {tuple(r.shape)}")
+    nan_o, nan_r = torch.isnan(o), torch.isnan(r)
+    if not torch.equal(nan_o, nan_r):
+        bad = (nan_o != nan_r).nonzero()[0].tolist()
+        what = "NaN where the oracle has a number" if bool(nan_o[tuple(bad)]) else "a number where the oracle has NaN"
+        return dict(ratio=math.inf, observed=math.inf, bound=0.0, max_abs_err=math.inf, index=bad,
+                    note=f"{what} at {bad}")
+    inf_r = torch.isinf(r) | torch.isinf(o)
+    if inf_r.any() and not torch.equal(o[inf_r], r[inf_r]):
+        bad = (inf_r & (o != r)).nonzero()[0].tolist()
+        return dict(ratio=math.inf, observed=math.inf, bound=0.0, max_abs_err=math.inf, index=bad,
+                    note=f"infinity mismatch at {bad}: {o[tuple(bad)].item()} vs {r[tuple(bad)].item()}")
+    ok = ~(nan_r | inf_r)
+    if not ok.any():
+        return dict(ratio=0.0, observed=0.0, bound=0.0, max_abs_err=0.0, index=None, note="")
+    err = torch.where(ok, (o - r).abs(), torch.zeros_like(o))
+    bnd = bound.detach().to("cpu", F64).expand_as(err)
+    bnd = torch.where(ok, bnd.nan_to_num(nan=0.0), torch.ones_like(err))
+    ratio = torch.where(err == 0, torch.zeros_like(err),
+                        torch.where(bnd > 0, err / bnd.clamp_min(1e-300), torch.full_like(err, math.inf)))
+    flat = int(ratio.argmax())
+    idx = list(torch.unravel_index(torch.tensor(flat), ratio.shape))
+    idx = [int(i) for i in idx]
+    return dict(ratio=float(ratio.reshape(-1)[flat]), observed=float(err.reshape(-1)[flat]),
+                bound=float(bnd.reshape(-1)[flat]), max_abs_err=float(err.max()), index=idx, note="")
+
+
+# ---- simulated honest engines, for composed computations (levels 2, 3) --------------------------------
+
+def _noisy_oracle_class():
+    from mxmoe.backends.reference import TorchBackend
+
+    class NoisyOracle(TorchBackend):
+        """The float64 reference with each op's output moved by ± its own derived bound for ``dtype``.
+
+        Not an engine anyone runs: a model of how far an honest ``dtype`` engine may drift, used to
+        derive block- and model-level bounds (see the module docstring).
+        """
+
+        name = "noisy-oracle"
+
+        def __init__(self, dtype: torch.dtype, seed: int):
+            self.sim_dtype = dtype
+            self.gen = torch.Generator().manual_seed(seed)
+
+        def _noise(self, out: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+            r = torch.rand(out.shape, generator=self.gen, dtype=F64) * 0.5 + 0.5
+            sign = torch.randint(0, 2, out.shape, generator=self.gen).to(F64) * 2 - 1
+            return out + (bound * r * sign).nan_to_num(0.0)
+
+        def rms_norm(self, x, scale, eps):
+            y = super().rms_norm(x, scale, eps)
+            # + the engine's residual stream, rounded to dt at every add: a relative error of y.
+            return self._noise(y, rms_norm_bound(y, self.sim_dtype) + u(self.sim_dtype) * y.abs())
+
+        def linear(self, x, layer):
+            y = super().linear(x, layer)
+            return self._noise(y, linear_bound(x, layer.weight, layer.bias, y, self.sim_dtype))
+
+        def rope(self, q, k, positions, inv_freq, concentration):
+            qo, ko = super().rope(q, k, positions, inv_freq, concentration)
+            return (self._noise(qo, rope_bound(q, positions, inv_freq, concentration, self.sim_dtype)),
+                    self._noise(ko, rope_bound(k, positions, inv_freq, concentration, self.sim_dtype)))
+
+        def attention(self, q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale):
+            o = super().attention(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
+            return self._noise(o, attention_bound(q, k_cache, v_cache, sinks, batch, sliding_window, sm_scale, o,
+                                                  self.sim_dtype))
+
+        def router(self, x, gate, top_k):
+            logits = TorchBackend.linear(self, x, gate)
+            logits = self._noise(logits, linear_bound(x, gate.weight, gate.bias, logits, self.sim_dtype))
+            values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
+            w = torch.softmax(values[:, :top_k], dim=-1)
+            return self._noise(w, SAFETY * 2 * u(self.sim_dtype) * w), indices[:, :top_k]
+
+        def experts(self, x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit):
+            y = super().experts(x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit)
+            b = experts_bound(x, expert_weights, expert_indices, experts.mlp1.dense(F64), experts.mlp1.bias.to(F64),
+                              experts.mlp2.dense(F64), experts.mlp2.bias.to(F64), swiglu_alpha, swiglu_limit, y,
+                              self.sim_dtype)
+            return self._noise(y, b)
+
+    return NoisyOracle
+
+
+def noisy_oracle(dtype: torch.dtype, seed: int):
+    """A :class:`NoisyOracle` simulating an honest engine in ``dtype`` (float64, CPU)."""
+    return _noisy_oracle_class()(dtype, seed)
