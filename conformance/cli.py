@@ -51,7 +51,9 @@ def register_cli(subparsers) -> None:
                    help="sizes and example counts (default: full with --certify, else quick)")
     p.add_argument("--waivers", default=None, help="JSON waiver file: [{case, reason}, ...]")
     p.add_argument("--case", action="append", default=None, help="only cases whose id matches (glob; repeatable)")
-    p.add_argument("--weights", default=None, help="checkpoint folder for level L4")
+    p.add_argument("--weights", default=None,
+                   help="checkpoint folder for level L4 (harmony prompts, greedy continuations vs the reference "
+                        "engine in float32 on the same device)")
     p.add_argument("--shrink", action="store_true", help="let hypothesis shrink a failing example (slower)")
     p.add_argument("--show", choices=("all", "problems"), default="all", help="console table rows")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-case progress lines")
@@ -64,8 +66,9 @@ def main(args: argparse.Namespace) -> int:
 
     cls, dist = resolve_backend(args.backend)
     levels = [lv.strip().upper() for lv in args.level.split(",") if lv.strip()]
-    if "L4" in levels:
-        print("mxmoe conformance: level L4 (real weights) is not implemented yet", file=sys.stderr)
+    if "L4" in levels and not args.weights:
+        print("mxmoe conformance: level L4 compares greedy continuations of harmony prompts on real weights: "
+              "pass --weights DIR", file=sys.stderr)
         return 2
     dtypes = [d.strip() for d in args.dtype.split(",")] if args.dtype else None
     profile = args.profile or ("full" if args.derandomize else "quick")

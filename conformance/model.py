@@ -12,7 +12,7 @@ the largest deviation seen over NOISY_DRAWS simulations. Checks, with their thre
   oracle's full forward (so within 2B of each other);
 * determinism: the same inputs twice give bitwise-equal logits, when the engine claims determinism.
 
-Level 4 (``--weights PATH``, real checkpoints with harmony prompts) is not implemented yet.
+Level 4 (``--weights PATH``, real checkpoints with harmony prompts) is in real_weights.py.
 """
 
 from __future__ import annotations
@@ -247,8 +247,3 @@ def cases(dtype: str, profile: Profile) -> list[Case]:
     add("determinism", run_determinism, lambda pr: _d(lens=st.lists(st.integers(1, 16), min_size=2, max_size=2)),
         [dict(lens=[12, 7], seed=4)], "same inputs twice: bitwise-equal logits", requires=req + ("determinism",))
     return out
-
-
-def real_weight_cases(dtype: str, profile: Profile, path: str | None) -> list[Case]:
-    """Level 4 (real weights, harmony prompts): not implemented yet."""
-    raise NotImplementedError("level L4 (real weights) is not implemented yet")

@@ -67,7 +67,7 @@ def _waiver(waivers: dict[str, str], case_id: str) -> str | None:
 
 def build_grid(engine: Backend, *, levels: Sequence[str], dtypes: Sequence[str], profile: Profile,
                check_registration: bool = False, weights_path: str | None = None) -> list[Case]:
-    from . import blocks, interface, model, ops
+    from . import blocks, interface, model, ops, real_weights
 
     caps = engine.capabilities
     head_dims = tuple(caps.head_dims) if caps.head_dims else (64,)
@@ -82,7 +82,7 @@ def build_grid(engine: Backend, *, levels: Sequence[str], dtypes: Sequence[str],
         if "L3" in levels:
             grid += model.cases(dt, profile)
         if "L4" in levels:
-            grid += model.real_weight_cases(dt, profile, weights_path)
+            grid += real_weights.cases(dt, profile, weights_path)
     return grid
 
 
