@@ -139,9 +139,20 @@ def _dims(config: ModelConfig) -> dict[str, int]:
             "E": config.num_experts, "H": config.num_attention_heads, "Q": config.q_dim, "KV": config.kv_dim}
 
 
+def _eval_dim(expr: str, dims: dict[str, int]) -> int:
+    """One dimension written as a sum of products/quotients of letters and integers ("Q+2*KV", "D/32")."""
+    total = 0
+    for term in expr.split("+"):
+        value = 1
+        for op, factor in re.findall(r"([*/]?)\s*(\w+)", "*" + term):
+            n = int(factor) if factor.isdigit() else dims[factor]
+            value = value * n if op == "*" else value // n
+        total += value
+    return total
+
+
 def _eval_shape(shape: tuple[str, ...], dims: dict[str, int]) -> tuple[int, ...]:
-    # Our own constant expressions ("2*I", "D/32", "Q+2*KV") over the dims; nothing user-supplied.
-    return tuple(int(eval(s, {"__builtins__": {}}, dims)) for s in shape)
+    return tuple(_eval_dim(s, dims) for s in shape)
 
 
 def _describe_shape(shape: tuple[str, ...], names: dict[str, str]) -> str:
