@@ -46,20 +46,23 @@ def generate(model: "GptOss", prompt_ids: Sequence[int], max_tokens: int = 256, 
         generator.manual_seed(seed if seed is not None else torch.seed())
     stops = set(int(t) for t in stop_tokens)
     n = ids.shape[0]
-    cache = model.new_cache(1, n + max_tokens)
+    # Inference mode around each step only, never across a ``yield``: the caller's code between tokens
+    # must not run in it.
     with torch.inference_mode():
-        # Prefill and decode are the same call: a batch of one sequence with n new tokens, then with one.
-        past, new = 0, ids
-        for _ in range(max_tokens):
+        cache = model.new_cache(1, n + max_tokens)
+    # Prefill and decode are the same call: a batch of one sequence with n new tokens, then with one.
+    past, new = 0, ids
+    for _ in range(max_tokens):
+        with torch.inference_mode():
             batch = Batch.build([new.shape[0]], [past], [0], cache.cache_len, model.device)
             logits = model.forward(new, batch, cache)  # (1, V)
             token = sample(logits, temperature, top_p, generator)  # (1,)
-            past += new.shape[0]
-            new = token
-            t = int(token[0])
-            yield t
-            if t in stops:
-                return
+        past += new.shape[0]
+        new = token
+        t = int(token[0])
+        yield t
+        if t in stops:
+            return
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

@@ -77,3 +77,9 @@ def test_cli_generate_help_explains_every_flag(capsys):
     for flag in ("--model", "--prompt", "--raw", "--max-tokens", "--temperature", "--top-p", "--seed", "--backend",
                  "--strict", "--device", "--dtype"):
         assert flag in out
+
+
+def test_caller_code_between_tokens_is_not_in_inference_mode(tiny_dir):
+    model = load_model(tiny_dir, backend="torch", dtype="float32")
+    for _ in model.generate([1, 2, 3], max_tokens=3):
+        assert not torch.is_inference_mode_enabled()
