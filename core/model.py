@@ -13,6 +13,7 @@ Shape legend: T tokens, S sequences, D hidden, V vocab, Hq/Hkv heads, d head_dim
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -43,7 +44,7 @@ class GptOss:
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ops: dict[str, Backend],
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 model_dir: str | Path | None = None, resolution: Any = None):
+                 model_dir: str | Path | None = None, resolution: Any = None, progress: bool | None = None):
         self.config, self.ops, self.dtype, self.device = config, dict(ops), dtype, torch.device(device)
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.resolution = resolution  # how the ops were chosen (plugins' trace), for `mxmoe backends --explain`
@@ -54,7 +55,8 @@ class GptOss:
 
         self.embedding = weights.embedding.to(device=self.device, dtype=dtype)
         self.layers: list[_Layer] = []
-        for i, b in enumerate(weights.blocks):
+        # Preparing is where checkpoint bytes are first read (moved to the device, converted, re-laid out).
+        for i, b in enumerate(_progress(weights, progress, f"preparing {len(weights.blocks)} layers")):
             a, m = b.attn, b.mlp
             self.layers.append(_Layer(
                 attn_norm=a.norm_scale.to(self.device, small),
@@ -146,6 +148,29 @@ class GptOss:
         return self._tokenizer
 
 
+_PROGRESS_MIN_BYTES = 2**30
+
+
+def _progress(weights: ModelWeights, enabled: bool | None, desc: str):
+    """The blocks, with a progress bar on stderr when ``enabled`` (None: for checkpoints over 1 GiB, on a
+    terminal)."""
+    if enabled is None:
+        size = sum(t.nbytes for t in (weights.embedding, weights.unembedding) if t is not None)
+        size += sum(t.nbytes for b in weights.blocks for t in _tensors(b))
+        enabled = size > _PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if not enabled:
+        return weights.blocks
+    from tqdm import tqdm
+
+    return tqdm(weights.blocks, desc=desc, unit="layer", file=sys.stderr)
+
+
+def _tensors(block) -> list[torch.Tensor]:
+    a, m = block.attn, block.mlp
+    experts = [t for e in (m.mlp1, m.mlp2) for t in (e.blocks, e.scales, e.weight, e.bias) if t is not None]
+    return [a.qkv_weight, a.out_weight, m.gate_weight, *experts]
+
+
 def load_model(path: str | Path, backend: str | dict[str, str] | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, strict: bool = False,
                progress: bool | None = None) -> GptOss:
@@ -162,7 +187,7 @@ def load_model(path: str | Path, backend: str | dict[str, str] | None = None, de
 
     device = torch.device(device)
     dtype = parse_dtype(dtype or "bfloat16")
-    config, weights, _layout = load_checkpoint(path, progress=progress)
+    config, weights, _layout = load_checkpoint(path)
     resolution = resolve_backends(backend, device=device, dtype=dtype, strict=strict, model_config=config)
     return GptOss(config, weights, resolution.ops, dtype=dtype, device=device, model_dir=path,
-                  resolution=resolution)
+                  resolution=resolution, progress=progress)

@@ -185,3 +185,10 @@ def test_bad_token_ids_are_reported(checkpoints):
     model = load_model(checkpoints["tiny", "original"], backend="torch", dtype="float32")
     with pytest.raises(ValueError, match=r"token id 512 at position 2 is outside the vocabulary \[0, 512\)"):
         model.logits([1, 2, 512])
+
+
+def test_progress_bar_while_preparing_layers(checkpoints, capsys):
+    load_model(checkpoints["tiny", "original"], backend="torch", dtype="float32", progress=True)
+    assert "preparing 2 layers" in capsys.readouterr().err
+    load_model(checkpoints["tiny", "original"], backend="torch", dtype="float32")  # small: no bar by default
+    assert "preparing" not in capsys.readouterr().err
