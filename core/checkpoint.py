@@ -47,7 +47,6 @@ INDEX_FILE = "model.safetensors.index.json"
 ORIGINAL_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30  # HF writes ~4.6 GB shards; smaller keeps the streaming writer's memory low
 DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_PROGRESS_MIN_BYTES = 2**30
 
 # ---- name maps: the only place where checkpoint tensor names appear ------------------------------
 # Shapes are written with the letters of weights.py's legend; _DIM_NAMES says which config keys they
@@ -170,7 +169,7 @@ class _Expected:
         return (torch.uint8,) if self.kind == "u8" else DENSE_DTYPES
 
 
-def _group_names(config: ModelConfig, layout: str, group: int | str) -> list[tuple[_Tensor | _HFTensor, str]]:
+def _group_names(layout: str, group: int | str) -> list[tuple[_Tensor | _HFTensor, str]]:
     """(spec, concrete name) of one group: "head", a layer index, or "tail", in file order."""
     if layout == "original":
         specs: list = {"head": _GLOBAL_HEAD, "tail": _GLOBAL_TAIL}.get(group, _BLOCK)  # type: ignore[arg-type]
@@ -191,7 +190,7 @@ def expected_tensors(config: ModelConfig, layout: str) -> dict[str, _Expected]:
     names = _DIM_NAMES if layout == "original" else _HF_DIM_NAMES
     out: dict[str, _Expected] = {}
     for group in _groups(config):
-        for spec, name in _group_names(config, layout, group):
+        for spec, name in _group_names(layout, group):
             out[name] = _Expected(name, _eval_shape(spec.shape, dims), _describe_shape(spec.shape, names), spec.kind)
     return out
 
@@ -244,7 +243,7 @@ def _to_layout(config: ModelConfig, layout: str, group: int | str,
     """Canonical tensors of a group → the tensors a ``layout`` file stores (in file order)."""
     out: dict[str, torch.Tensor] = {}
     q, kv = config.q_dim, config.kv_dim
-    for spec, name in _group_names(config, layout, group):
+    for spec, name in _group_names(layout, group):
         if isinstance(spec, _Tensor) or spec.part == "":
             src = spec.name.format(i=group) if isinstance(spec, _Tensor) else spec.canonical.format(i=group)
             if src not in flat:
@@ -258,13 +257,17 @@ def _to_layout(config: ModelConfig, layout: str, group: int | str,
             out[name] = flat[canonical][start:start + (q if spec.part == "q" else kv)]
         else:  # "T": dense experts, from MXFP4 (exact in bf16) or as they are
             if canonical in flat:
-                dense = flat[canonical]
+                out[name] = flat[canonical].transpose(1, 2)  # the writer makes it contiguous (one copy)
             else:
+                # Straight into the (E, K, N) tensor the file stores, one expert at a time: peak memory
+                # is that tensor plus one expert's dequantized (N, K) and its int32 indices, and the
+                # result is already contiguous, so the writer copies nothing more.
                 blocks, scales = flat[canonical + ".blocks"], flat[canonical + ".scales"]
-                # one expert at a time: dequantizing all at once needs several fp32 copies of them
-                dense = torch.stack([mxfp4.dequantize(blocks[e], scales[e], torch.bfloat16)
-                                     for e in range(blocks.shape[0])])
-            out[name] = dense.transpose(1, 2)
+                experts, n, k = blocks.shape[0], blocks.shape[1], blocks.shape[2] * mxfp4.VALUES_PER_BLOCK
+                dense = torch.empty((experts, k, n), dtype=torch.bfloat16, device=blocks.device)
+                for e in range(experts):
+                    dense[e] = mxfp4.dequantize(blocks[e], scales[e], torch.bfloat16).T
+                out[name] = dense
     return out
 
 
@@ -275,7 +278,7 @@ def _from_layout(config: ModelConfig, layout: str, t: dict[str, torch.Tensor]) -
     flat: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for group in _groups(config):
-        for spec, name in _group_names(config, layout, group):
+        for spec, name in _group_names(layout, group):
             canonical = spec.canonical.format(i=group)
             if spec.part == "":
                 flat[canonical] = t[name]
@@ -295,8 +298,16 @@ def _weight_files(d: Path) -> list[Path]:
     return sorted(p for p in d.glob("*.safetensors") if p.is_file())
 
 
-def _resolve(path: str | Path) -> tuple[Path, str]:
-    """(directory holding the weights, layout)."""
+@dataclass
+class _Listing:
+    """What :func:`_resolve` read to tell the layout, handed on so that :func:`_check` reads nothing twice:
+    the index's weight_map (sharded checkpoints) or the opened files (the others)."""
+    weight_map: dict[str, str] | None
+    files: dict[str, SafetensorsFile] | None
+
+
+def _resolve(path: str | Path) -> tuple[Path, str, _Listing]:
+    """(directory holding the weights, layout, what was read to tell it)."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: expected a checkpoint directory (config.json + *.safetensors), "
@@ -311,9 +322,11 @@ def _resolve(path: str | Path) -> tuple[Path, str]:
     if not (d / "config.json").is_file():
         raise CheckpointError(f"{d}: expected config.json beside the weights, found none")
     if (d / INDEX_FILE).exists():
-        names = list(_read_index(d).keys())
+        listing = _Listing(_read_index(d), None)
+        names = list(listing.weight_map)
     else:
-        names = [n for f in _weight_files(d) for n in SafetensorsFile(f).tensors]
+        listing = _Listing(None, {p.name: SafetensorsFile(p) for p in _weight_files(d)})
+        names = [n for f in listing.files.values() for n in f.tensors]
     if any(n.startswith("block.") or n == "embedding.weight" for n in names):
         layout = "original"
     elif any(n.endswith("mlp.experts.gate_up_proj_blocks") for n in names):
@@ -324,7 +337,7 @@ def _resolve(path: str | Path) -> tuple[Path, str]:
         raise CheckpointError(f"{d}: expected tensors named block.N.… (original) or model.layers.N.… with "
                               "mlp.experts.gate_up_proj[_blocks] (Hugging Face), found "
                               f"{', '.join(sorted(names)[:5]) or 'no tensors'}")
-    return d, layout
+    return d, layout, listing
 
 
 def detect_layout(path: str | Path) -> str:
@@ -338,13 +351,30 @@ def _read_index(d: Path) -> dict[str, str]:
     p = d / INDEX_FILE
     try:
         index = json.loads(p.read_text())
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{INDEX_FILE}: expected JSON with a weight_map of tensor name → shard file, "
-                              f"found something else ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{p}: cannot read ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p}: expected JSON with a weight_map of tensor name → shard file, "
+                              f"found text that is not valid JSON ({e})") from None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{p}: expected a JSON object (with a weight_map), found {type(index).__name__}")
+    if "weight_map" not in index:
+        raise CheckpointError(f"{p}: weight_map: expected an object (tensor name → shard file), found no "
+                              f"weight_map (keys: {', '.join(map(repr, index)) or 'none'})")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{p}: weight_map: expected an object, found {type(weight_map).__name__} "
+                              "(it maps tensor names to shard files)")
+    for tname, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{p}: weight_map[{tname!r}]: expected a shard file name (a string), "
+                                  f"found {type(shard).__name__} {shard!r}")
     return weight_map
+
+
+def _is_plain_file_name(name: str) -> bool:
+    """A name of a file directly inside a folder: no separator, not absolute, not "." or ".."."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and Path(name).name == name
 
 
 def _load_config(d: Path, layout: str) -> ModelConfig:
@@ -374,14 +404,18 @@ def _load_config(d: Path, layout: str) -> ModelConfig:
     return config
 
 
-def _check(d: Path, config: ModelConfig, layout: str) -> dict[str, SafetensorsFile]:
+def _check(d: Path, config: ModelConfig, layout: str, listing: _Listing) -> dict[str, SafetensorsFile]:
     """Open every file and check every tensor against the config; returns tensor name → file."""
     problems: list[str] = []
     files: dict[str, SafetensorsFile] = {}
     where: dict[str, SafetensorsFile] = {}
-    if (d / INDEX_FILE).exists():
-        weight_map = _read_index(d)
+    if listing.weight_map is not None:
+        weight_map = listing.weight_map
         for tname, shard in weight_map.items():
+            if not _is_plain_file_name(shard):
+                problems.append(f"{d / INDEX_FILE}: tensor {tname!r}: expected a shard file name inside {d} "
+                                f"(no folder, not absolute), found {shard!r}")
+                continue
             if shard not in files:
                 if not (d / shard).is_file():
                     problems.append(f"{INDEX_FILE}: tensor {tname!r}: expected its shard {shard!r} in {d}, "
@@ -396,7 +430,7 @@ def _check(d: Path, config: ModelConfig, layout: str) -> dict[str, SafetensorsFi
                     problems.append(f"{shard}: tensor {tname!r}: expected in weight_map of {INDEX_FILE} "
                                     f"under this shard, found {weight_map.get(tname)!r}")
     else:
-        files = {p.name: SafetensorsFile(p) for p in _weight_files(d)}
+        files = dict(listing.files or {})
     for fname, f in files.items():
         for tname in f.tensors:
             if tname in where and where[tname] is not f:
@@ -432,40 +466,24 @@ def _check(d: Path, config: ModelConfig, layout: str) -> dict[str, SafetensorsFi
     return where
 
 
-def load_checkpoint(path: str | Path, progress: bool | None = None) -> tuple[ModelConfig, ModelWeights, str]:
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, ModelWeights, str]:
     """Read a checkpoint directory in any of the three layouts → (config, canonical weights, layout).
 
     Tensors are zero-copy views of the memory-mapped files (experts stay MXFP4 when stored so); only
-    HF's q/k/v are concatenated. Everything is validated first: a bad checkpoint raises
-    :class:`CheckpointError` naming the file, the tensor, what was expected and what was found.
-    ``progress=None`` shows a bar on a terminal for checkpoints over 1 GiB."""
-    d, layout = _resolve(path)
+    HF's q/k/v are concatenated. Nothing is read here beyond headers and index: the bytes are read
+    when the tensors are first used. Everything is validated first: a bad checkpoint raises
+    :class:`CheckpointError` naming the file, the tensor, what was expected and what was found."""
+    return _load(path)[:3]
+
+
+def _load(path: str | Path) -> tuple[ModelConfig, ModelWeights, str, Path, dict[str, SafetensorsFile]]:
+    """:func:`load_checkpoint`, plus the weights' directory and tensor name → file."""
+    d, layout, listing = _resolve(path)
     config = _load_config(d, layout)
-    where = _check(d, config, layout)
-    total = sum(f.tensors[n].nbytes for n, f in where.items())
-    if progress is None:
-        progress = total > _PROGRESS_MIN_BYTES and sys.stderr.isatty()
-    bar = _progress_bar(total, f"loading {d.name}", progress)
-    tensors: dict[str, torch.Tensor] = {}
-    with bar:
-        for name, f in where.items():
-            tensors[name] = f.get(name)
-            bar.update(f.tensors[name].nbytes)
-        weights = _weights_from_flat(config, _from_layout(config, layout, tensors))
-    return config, weights, layout
-
-
-def _progress_bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
-
-
-class _NoBar(contextlib.nullcontext):
-    def update(self, n: int) -> None:
-        pass
+    where = _check(d, config, layout, listing)
+    tensors = {name: f.get(name) for name, f in where.items()}
+    weights = _weights_from_flat(config, _from_layout(config, layout, tensors))
+    return config, weights, layout, d, where
 
 
 # ---- random weights ------------------------------------------------------------------------------
@@ -489,8 +507,7 @@ def _fp4_scale_exponent(fan_in: int) -> int:
     return round(math.log2(1 / (math.sqrt(fan_in) * _E2M1_RMS * _SCALE_SPREAD_RMS)))
 
 
-def _random_chunks(spec: _Tensor, name: str, shape: tuple[int, ...], config: ModelConfig,
-                   seed: int) -> Iterator[torch.Tensor]:
+def _random_chunks(spec: _Tensor, name: str, shape: tuple[int, ...], seed: int) -> Iterator[torch.Tensor]:
     """Tensor ``name`` of a random model, in row chunks; the same chunks whoever asks (seeded per chunk)."""
     row = math.prod(shape[1:])
     rows_per_chunk = max(1, _CHUNK_ELEMS // max(row, 1))
@@ -513,9 +530,9 @@ def _random_chunks(spec: _Tensor, name: str, shape: tuple[int, ...], config: Mod
 def _random_group(config: ModelConfig, seed: int, group: int | str) -> dict[str, torch.Tensor]:
     dims = _dims(config)
     out = {}
-    for spec, name in _group_names(config, "original", group):
+    for spec, name in _group_names("original", group):
         shape = _eval_shape(spec.shape, dims)
-        out[name] = torch.cat(list(_random_chunks(spec, name, shape, config, seed)))
+        out[name] = torch.cat(list(_random_chunks(spec, name, shape, seed)))
     return out
 
 
@@ -539,31 +556,48 @@ def _config_json(config: ModelConfig, layout: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary sibling directory renamed to ``path`` on success, removed on failure."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(f"{path}: expected a new or empty directory to write the checkpoint into, "
-                              "found an existing non-empty one")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    """A temporary directory whose files become ``path``'s on success; removed on failure.
+
+    A new ``path``: the temporary directory is a sibling, renamed to ``path`` at the end, so the
+    checkpoint appears complete or not at all. An existing empty ``path`` (the current folder, say) is
+    kept, since renaming over it would leave whoever sits in it in a deleted folder: the temporary
+    directory is made inside it and its files moved out at the end, config.json last (without it the
+    folder is no checkpoint)."""
+    given = path
+    path = Path(path).resolve()  # "." (or "x/..") has no name and no usable parent until resolved
+    existing = path.exists()
+    if existing and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(f"{given}: expected a new or empty directory to write the checkpoint into, "
+                              "found an existing non-empty one" if path.is_dir() else "found a file")
+    if existing:
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=path))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    moved: list[Path] = []
     try:
         yield tmp
         # mkdtemp and the safetensors writer create private (0700/0600) entries; give the usual ones.
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
+        if existing:
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, path / f.name)
+                moved.append(path / f.name)
+            tmp.rmdir()
+        else:
+            tmp.chmod(0o777 & ~umask)
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for f in moved:
+            f.unlink(missing_ok=True)
         raise
 
 
-def _write_groups(path: Path, config: ModelConfig, layout: str, groups: Iterator[dict[str, torch.Tensor]],
-                  max_shard_bytes: int) -> None:
+def _write_groups(path: Path, groups: Iterator[dict[str, torch.Tensor]], max_shard_bytes: int) -> None:
     """Write HF shards from a stream of groups of layout tensors, flushing a shard when it would overflow."""
     shards: list[list[str]] = []
     pending: dict[str, torch.Tensor] = {}
@@ -596,6 +630,56 @@ def _write_groups(path: Path, config: ModelConfig, layout: str, groups: Iterator
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _check_weights(config: ModelConfig, weights: ModelWeights) -> None:
+    """Check ``weights`` against ``config`` before writing anything: the number of blocks, and the shape
+    and dtype kind of every tensor (MXFP4 experts as in :func:`expected_tensors`, dense ones as in
+    ``_DENSE_EXPERTS``). Raises :class:`CheckpointError` naming the tensor, expected and found."""
+    src = "from the config"
+    n = config.num_hidden_layers
+    if len(weights.blocks) != n:
+        raise CheckpointError(f"weights: expected {n} blocks (num_hidden_layers {src}), "
+                              f"found {len(weights.blocks)}")
+    expected = expected_tensors(config, "original")
+    dims = _dims(config)
+    for i in range(n):
+        for pattern, shape in _DENSE_EXPERTS.items():
+            for suffix in (".blocks", ".scales"):
+                expected.pop(pattern.format(i=i) + suffix)
+            name = pattern.format(i=i)
+            # filled in below with whichever form the weights hold
+            expected[name] = _Expected(name, _eval_shape(shape, dims), _describe_shape(shape, _DIM_NAMES), "dense")
+    flat: dict[str, torch.Tensor] = {}
+    for group in _groups(config):
+        flat.update(_flat_group(weights, group))
+    problems = []
+    for name, exp in expected.items():
+        if name in flat:
+            checks = [(name, exp, flat[name])]
+        elif name + ".blocks" in flat:  # MXFP4 experts: check their bytes, not the dense shape
+            spec = {s.name.format(i=name.split(".")[1]): s for s in _BLOCK}
+            checks = [(part, _Expected(part, _eval_shape(spec[part].shape, dims),
+                                       _describe_shape(spec[part].shape, _DIM_NAMES), "u8"), flat[part])
+                      for part in (name + ".blocks", name + ".scales")]
+        else:
+            checks = [(name, exp, None)]
+        for tname, e, t in checks:
+            if not isinstance(t, torch.Tensor):
+                problems.append(f"weights: tensor {tname!r}: expected shape {e.shape} ({e.why} {src}), found "
+                                f"{'none' if t is None else type(t).__name__}")
+                continue
+            if tuple(t.shape) != e.shape:
+                problems.append(f"weights: tensor {tname!r}: expected shape {e.shape} ({e.why} {src}), "
+                                f"found {tuple(t.shape)}")
+            if t.dtype not in e.dtypes():
+                problems.append(f"weights: tensor {tname!r}: expected dtype "
+                                f"{' or '.join(str(d).removeprefix('torch.') for d in e.dtypes())}, "
+                                f"found {str(t.dtype).removeprefix('torch.')}")
+    if problems:
+        shown = problems[:20] + ([f"… and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise CheckpointError("weights do not match the config:\n  " + "\n  ".join(shown)
+                              if len(problems) > 1 else problems[0])
+
+
 def write_checkpoint(path: str | Path, config: ModelConfig, weights: ModelWeights, layout: str,
                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Write ``weights`` as a ``layout`` checkpoint directory, exactly as the published models are
@@ -603,6 +687,7 @@ def write_checkpoint(path: str | Path, config: ModelConfig, weights: ModelWeight
     index). Atomic: the directory appears complete or not at all."""
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    _check_weights(config, weights)
     with _atomic_dir(Path(path)) as tmp:
         (tmp / "config.json").write_text(json.dumps(_config_json(config, layout), indent=2) + "\n")
         groups = (_to_layout(config, layout, g, _flat_group(weights, g)) for g in _groups(config))
@@ -612,7 +697,7 @@ def write_checkpoint(path: str | Path, config: ModelConfig, weights: ModelWeight
                 tensors.update(g)
             save_file(tensors, tmp / ORIGINAL_FILE)
         else:
-            _write_groups(tmp, config, layout, groups, max_shard_bytes)
+            _write_groups(tmp, groups, max_shard_bytes)
 
 
 def write_random_checkpoint(path: str | Path, config: ModelConfig, layout: str, seed: int = 0,
@@ -626,14 +711,14 @@ def write_random_checkpoint(path: str | Path, config: ModelConfig, layout: str, 
         if layout == "original":
             dims = _dims(config)
             specs = {name: (spec, _eval_shape(spec.shape, dims))
-                     for g in _groups(config) for spec, name in _group_names(config, layout, g)}
+                     for g in _groups(config) for spec, name in _group_names(layout, g)}
             entries = [(name, torch.uint8 if spec.kind == "u8" else torch.bfloat16, shape)
                        for name, (spec, shape) in specs.items()]
             write_streaming(tmp / ORIGINAL_FILE, entries,
-                            lambda name: _random_chunks(specs[name][0], name, specs[name][1], config, seed))
+                            lambda name: _random_chunks(specs[name][0], name, specs[name][1], seed))
         else:
             groups = (_to_layout(config, layout, g, _random_group(config, seed, g)) for g in _groups(config))
-            _write_groups(tmp, config, layout, groups, max_shard_bytes)
+            _write_groups(tmp, groups, max_shard_bytes)
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -669,13 +754,12 @@ def _cmd_random(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        config, weights, layout = load_checkpoint(args.dir, progress=False)
-        d, _ = _resolve(args.dir)
+        config, _weights, layout, d, where = _load(args.dir)
     except CheckpointError as e:
         print(f"mxmoe checkpoint inspect: {e}", file=sys.stderr)
         return 2
     names = expected_tensors(config, layout)
-    files = sorted(p.name for p in _weight_files(d))
+    files = sorted({f.path.name for f in where.values()})
     size = sum((d / f).stat().st_size for f in files)
     print(f"directory: {d}")
     print(f"layout:    {layout}")

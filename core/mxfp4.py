@@ -108,7 +108,9 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     as IEEE rounding says; float64 holds them. Other dtypes (float16) get the float32 result
     rounded once. Scales may also be ``torch.float8_e8m0fnu`` (same bits).
 
-    Memory: one output-sized tensor plus an int32 copy of the bytes (half the output in bf16).
+    Memory: at peak, the output plus a temporary int32 copy of the block bytes (4 bytes per byte:
+    as large as the output in bf16, half of it in float32); float16 also briefly holds the float32
+    result (twice its output) while rounding it.
     """
     _check_blocks(blocks)
     scales = _as_scale_bytes(scales)

@@ -87,10 +87,20 @@ class SafetensorsFile:
         return start, start + len(m)
 
 
+def _is_count(x: object) -> bool:
+    """A non-negative JSON integer (``True``/``1.0`` are not)."""
+    return type(x) is int and x >= 0
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and check a safetensors header: every tensor's dtype known, bytes = numel × itemsize,
-    and its data inside the file (a truncated file is reported, naming the first tensor cut off)."""
-    name = path.name
+    """Parse and check a safetensors header: every entry an object with a known dtype, a shape of
+    non-negative integers and data_offsets ``[begin, end]`` of non-negative integers spanning
+    numel × itemsize bytes, inside the file (a truncated file is reported, naming the first tensor cut
+    off) and overlapping no other tensor's; ``__metadata__`` (optional) an object of strings.
+
+    Errors name the file by the path given (so ``original/model.safetensors`` and a root
+    ``model.safetensors`` are told apart)."""
+    name = str(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -111,22 +121,31 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise CheckpointError(f"{name}: expected a JSON header, found bytes that are not JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: expected a JSON object as header, found {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # absent or null: none (as safetensors reads it)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        found = type(metadata).__name__ if not isinstance(metadata, dict) else repr(metadata)
+        raise CheckpointError(f"{name}: __metadata__: expected an object of strings, found {found}")
     data_start = _HEADER_LEN_BYTES + n
     data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
     for tname, entry in header.items():
         where = f"{name}: tensor {tname!r}"
-        try:
-            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise CheckpointError(f"{where}: expected a header entry with dtype, shape and data_offsets, "
-                                  f"found {entry!r}") from None
-        if dtype_name not in DTYPES:
+                                  f"found {entry!r}")
+        dtype_name, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise CheckpointError(f"{where}: expected a dtype among {', '.join(DTYPES)}, found {dtype_name!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: expected a shape of non-negative integers, found {shape!r}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{where}: expected data_offsets [begin, end] of non-negative integers, "
+                                  f"found {offsets!r}")
+        shape, (begin, end) = tuple(shape), offsets
         dtype = DTYPES[dtype_name]
         nbytes = math.prod(shape) * dtype.itemsize
-        if not (0 <= begin <= end) or end - begin != nbytes:
+        if begin > end or end - begin != nbytes:
             raise CheckpointError(f"{where}: expected data_offsets spanning {nbytes} bytes ({dtype_name} "
                                   f"{list(shape)}), found {[begin, end]}")
         if end > data_size:
@@ -134,6 +153,11 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                                   f"found the data section only {data_size} bytes long (file truncated: "
                                   f"{size} bytes, needs at least {data_start + end})")
         tensors[tname] = TensorInfo(tname, dtype, shape, data_start + begin, nbytes)
+    spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise CheckpointError(f"{name}: tensor {b!r}: expected its data_offsets to overlap no other tensor's, "
+                                  f"found them overlapping those of {a!r}")
     return tensors, metadata
 
 
@@ -157,6 +181,9 @@ def write_streaming(path: str | Path, entries: Iterable[tuple[str, torch.dtype, 
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, dtype, shape in entries:
+        if dtype not in DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name!r}: declared dtype {dtype}, expected one of "
+                             f"{', '.join(str(d) for d in DTYPE_NAMES)}")
         nbytes = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -169,11 +196,12 @@ def write_streaming(path: str | Path, entries: Iterable[tuple[str, torch.dtype, 
             expected, written = math.prod(shape) * dtype.itemsize, 0
             for chunk in produce(name):
                 if chunk.dtype != dtype:
-                    raise ValueError(f"{name}: produced {chunk.dtype}, declared {dtype}")
+                    raise ValueError(f"{path}: tensor {name!r}: produced {chunk.dtype}, declared {dtype}")
                 data = chunk.contiguous().view(torch.uint8).numpy()
                 f.write(memoryview(data))
                 written += data.nbytes
             if written != expected:
-                raise ValueError(f"{name}: produced {written} bytes, declared {expected} ({list(shape)})")
+                raise ValueError(f"{path}: tensor {name!r}: produced {written} bytes, declared {expected} "
+                                 f"({list(shape)})")
         f.flush()
         os.fsync(f.fileno())

@@ -143,7 +143,7 @@ def _bpe_openai_copy() -> Path | None:
         import importlib.resources as resources
 
         ref = resources.files("bpe_openai") / "data" / (O200K_FILENAME + ".gz")
-    except (ImportError, ModuleNotFoundError):
+    except ImportError:  # ModuleNotFoundError is one
         return None
     path = Path(str(ref))
     return path if path.is_file() else None
@@ -176,7 +176,10 @@ def _not_found_message(searched: list[str]) -> str:
 def locate_vocab(vocab_path: str | os.PathLike | None = None,
                  model_dir: str | os.PathLike | None = None) -> tuple[Path, bytes]:
     """Find the o200k_base vocabulary (search order in the module docstring) and return
-    ``(path, contents)`` with the contents' sha256 verified. ``path`` is a plain, uncompressed file.
+    ``(path, contents)`` with the contents' sha256 verified; ``contents`` are always the plain,
+    uncompressed file. ``path`` says where they came from: a plain file, except when they came from
+    bpe-openai's gzipped copy and mxmoe's cache could not be written, when it is that ``.gz`` file
+    (use ``contents``, not ``path``, to read the vocabulary; :func:`vocab_dir` gives a plain file).
 
     Raises :class:`VocabHashMismatch` for a user-given file with the wrong hash and
     :class:`VocabNotFound` (listing what was searched and how to fix it) when nothing is found.

@@ -338,7 +338,7 @@ def test_config_format_must_match_layout(written, tmp_path):
 def test_write_is_atomic(tmp_path, reference):
     broken = ck.ModelWeights(embedding=reference.embedding, blocks=reference.blocks[:1],
                              norm_scale=reference.norm_scale, unembedding=reference.unembedding)
-    with pytest.raises(IndexError):
+    with pytest.raises(CheckpointError, match="expected 2 blocks .num_hidden_layers from the config., found 1"):
         ck.write_checkpoint(tmp_path / "out", CONFIG, broken, "hf", max_shard_bytes=SHARD)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(CheckpointError, match="non-empty"):
@@ -379,3 +379,168 @@ def test_cli_random_and_inspect(tmp_path, capsys):
 
     assert main(["checkpoint", "random", "--set", "num_experts=x", str(tmp_path / "bad")]) == 2
     assert "num_experts" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+# ---- review fixes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["../outside.safetensors", "/abs/outside.safetensors", "sub/x.safetensors", ".."])
+def test_index_shard_must_be_a_file_name_inside_the_folder(written, tmp_path, bad):
+    d = _copy(written["hf"], tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    index = json.loads((d / ck.INDEX_FILE).read_text())
+    name = "model.layers.0.mlp.router.bias"
+    shutil.copy(d / index["weight_map"][name], outside)  # a readable file where ../ points
+    index["weight_map"][name] = bad.replace("/abs/", f"{tmp_path}/")
+    (d / ck.INDEX_FILE).write_text(json.dumps(index))
+    _assert_names(_error(d), ck.INDEX_FILE, repr(name), "expected a shard file name inside",
+                  repr(index["weight_map"][name]))
+
+
+@pytest.mark.parametrize("weight_map, found", [([], "weight_map: expected an object, found list"),
+                                                 (None, "weight_map: expected an object, found NoneType"),
+                                                 ({"x": 3}, "found int")])
+def test_bad_index_names_path_and_type(written, tmp_path, weight_map, found):
+    d = _copy(written["hf"], tmp_path)
+    (d / ck.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+    _assert_names(_error(d), str(d / ck.INDEX_FILE), found)
+    (d / ck.INDEX_FILE).write_text("[1]")
+    _assert_names(_error(d), str(d / ck.INDEX_FILE), "expected a JSON object (with a weight_map), found list")
+    (d / ck.INDEX_FILE).write_text("{")
+    _assert_names(_error(d), str(d / ck.INDEX_FILE), "not valid JSON")
+    (d / ck.INDEX_FILE).write_text("{}")
+    _assert_names(_error(d), str(d / ck.INDEX_FILE), "weight_map: expected an object", "found no weight_map")
+
+
+def _with(weights: ck.ModelWeights, **changes) -> ck.ModelWeights:
+    """``weights`` with some tensors of block 0 replaced: attn_<field>= / mlp_<field>= / mlp1_<field>=."""
+    import copy
+    import dataclasses
+
+    blocks = [copy.copy(b) for b in weights.blocks]
+    b0 = blocks[0]
+    attn, mlp = copy.copy(b0.attn), copy.copy(b0.mlp)
+    mlp1 = copy.copy(mlp.mlp1)
+    for key, value in changes.items():
+        part, field = key.split("_", 1)
+        setattr({"attn": attn, "mlp": mlp, "mlp1": mlp1}[part], field, value)
+    mlp.mlp1 = mlp1
+    blocks[0] = dataclasses.replace(b0, attn=attn, mlp=mlp)
+    return dataclasses.replace(weights, blocks=blocks)
+
+
+def _write_error(tmp_path: Path, weights: ck.ModelWeights, layout: str = "hf") -> str:
+    with pytest.raises(CheckpointError) as e:
+        ck.write_checkpoint(tmp_path / "out", CONFIG, weights, layout, max_shard_bytes=SHARD)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
+    return str(e.value)
+
+
+def test_write_checkpoint_validates_weights(tmp_path, reference):
+    qkv = reference.blocks[0].attn.qkv_weight
+    _assert_names(_write_error(tmp_path, _with(reference, attn_qkv_weight=qkv[:, :32])),
+                  "'block.0.attn.qkv.weight'", "expected shape (128, 64)", "found (128, 32)")
+    _assert_names(_write_error(tmp_path, _with(reference, attn_sinks=torch.zeros(4, dtype=torch.int32))),
+                  "'block.0.attn.sinks'", "expected dtype bfloat16 or float16 or float32", "found int32")
+    scales = reference.blocks[0].mlp.mlp1.scales
+    _assert_names(_write_error(tmp_path, _with(reference, mlp1_scales=scales.to(torch.int16)), "original"),
+                  "'block.0.mlp.mlp1_weight.scales'", "expected dtype uint8", "found int16")
+    # dense experts are checked against _DENSE_EXPERTS: (E, 2I, D)
+    dense = reference.blocks[0].mlp.mlp1.dense(torch.bfloat16)
+    bad = _with(reference, mlp1_blocks=None, mlp1_scales=None, mlp1_weight=dense[:, :, :32])
+    _assert_names(_write_error(tmp_path, bad, "hf-bf16"), "'block.0.mlp.mlp1_weight'",
+                  f"expected shape {tuple(dense.shape)}", f"found {(*dense.shape[:2], 32)}")
+
+
+def test_hf_bf16_experts_are_dequantized_into_one_buffer(reference):
+    flat = ck._flat_group(reference, 0)
+    out = ck._to_layout(CONFIG, "hf-bf16", 0, flat)
+    for hf, canonical in (("gate_up_proj", "mlp1_weight"), ("down_proj", "mlp2_weight")):
+        t = out[f"model.layers.0.mlp.experts.{hf}"]
+        assert t.is_contiguous() and t.dtype == torch.bfloat16  # written as is: no further copy
+        want = mxfp4.dequantize(flat[f"block.0.mlp.{canonical}.blocks"], flat[f"block.0.mlp.{canonical}.scales"],
+                                torch.bfloat16).transpose(1, 2)
+        assert torch.equal(t, want)
+
+
+def test_write_into_current_empty_folder(tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    ck.write_random_checkpoint(".", CONFIG, "original")
+    assert sorted(p.name for p in Path.cwd().iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in here.iterdir()) == ["config.json", "model.safetensors"]
+    assert ck.load_checkpoint(".")[2] == "original"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary folder left beside it
+
+
+def test_load_checkpoint_has_no_progress_parameter():
+    import inspect
+
+    assert "progress" not in inspect.signature(ck.load_checkpoint).parameters
+    assert not hasattr(ck, "_progress_bar")
+
+
+# ---- safetensors headers --------------------------------------------------------------------------
+
+def _raw_file(path: Path, header, data: bytes = b"") -> Path:
+    import struct
+
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _header_error(path: Path, header, data: bytes = b"") -> str:
+    from mxmoe.core.safetensors_io import read_header
+
+    _raw_file(path, header, data)
+    with pytest.raises(CheckpointError) as e:
+        read_header(path)
+    return str(e.value)
+
+
+_GOOD = {"dtype": "U8", "shape": [2, 2], "data_offsets": [0, 4]}
+
+
+@pytest.mark.parametrize("header, found", [
+    (b"{not json", "expected a JSON header, found bytes that are not JSON"),
+    ([1, 2], "expected a JSON object as header, found list"),
+    ({"t": {**_GOOD, "dtype": "Q7"}}, "found 'Q7'"),
+    ({"t": {**_GOOD, "dtype": ["U8"]}}, "found ['U8']"),
+    ({"t": {**_GOOD, "data_offsets": [0, 3]}}, "expected data_offsets spanning 4 bytes"),
+    ({"t": {**_GOOD, "data_offsets": [4, 0]}}, "found [4, 0]"),
+    ({"t": {**_GOOD, "data_offsets": [0, 4, 8]}}, "data_offsets"),
+    ({"t": {**_GOOD, "data_offsets": [0.0, 4.0]}}, "non-negative integers"),
+    ({"t": {**_GOOD, "shape": [-2, -2]}}, "non-negative integers, found [-2, -2]"),
+    ({"t": {**_GOOD, "shape": [2, 2.0]}}, "non-negative integers, found [2, 2.0]"),
+    ({"t": {**_GOOD, "shape": [True, 4]}}, "non-negative integers"),
+    ({"t": {**_GOOD, "shape": 4}}, "found 4"),
+    ({"t": "x"}, "expected a header entry with dtype, shape and data_offsets, found 'x'"),
+    ({"a": _GOOD, "b": {**_GOOD, "data_offsets": [2, 6]}}, "overlap"),
+    ({"t": _GOOD, "__metadata__": [1]}, "__metadata__: expected an object of strings, found list"),
+    ({"t": _GOOD, "__metadata__": {"format": 1}}, "__metadata__: expected an object of strings"),
+])
+def test_bad_safetensors_header(tmp_path, header, found):
+    msg = _header_error(tmp_path / "original" / "model.safetensors", header, bytes(8))
+    _assert_names(msg, str(Path("original") / "model.safetensors"), found)
+
+
+def test_good_raw_header_reads(tmp_path):
+    from mxmoe.core.safetensors_io import read_header
+
+    path = _raw_file(tmp_path / "m.safetensors", {"a": _GOOD, "b": {**_GOOD, "data_offsets": [4, 8]},
+                                                  "__metadata__": {"format": "pt"}}, bytes(8))
+    tensors, meta = read_header(path)
+    assert meta == {"format": "pt"} and [t.shape for t in tensors.values()] == [(2, 2), (2, 2)]
+
+
+def test_write_streaming_errors_name_the_file(tmp_path):
+    from mxmoe.core.safetensors_io import write_streaming
+
+    path = tmp_path / "original" / "model.safetensors"
+    path.parent.mkdir()
+    with pytest.raises(ValueError, match=r"original/model\.safetensors: tensor 'x': produced torch.int8"):
+        write_streaming(path, [("x", torch.uint8, (4,))], lambda n: iter([torch.zeros(4, dtype=torch.int8)]))
+    with pytest.raises(ValueError, match=r"original/model\.safetensors: tensor 'x': produced 2 bytes, declared 4"):
+        write_streaming(path, [("x", torch.uint8, (4,))], lambda n: iter([torch.zeros(2, dtype=torch.uint8)]))

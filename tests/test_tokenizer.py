@@ -33,8 +33,9 @@ def tok():
 @pytest.fixture(scope="module")
 def harmony_enc():
     openai_harmony = pytest.importorskip("openai_harmony")
-    os.environ["TIKTOKEN_ENCODINGS_BASE"] = str(vocab_dir())
-    return openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+    with pytest.MonkeyPatch.context() as mp:  # restored after this module's tests
+        mp.setenv("TIKTOKEN_ENCODINGS_BASE", str(vocab_dir()))
+        yield openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +179,38 @@ def test_gzip_copy_hash_matches_facts():
     if path is None:
         pytest.skip("bpe-openai not installed")
     assert hashlib.sha256(gzip.decompress(path.read_bytes())).hexdigest() == O200K_SHA256
+
+
+def test_harmony_fixture_restores_environment():
+    # runs in a fresh interpreter: the module-scoped fixture must put TIKTOKEN_ENCODINGS_BASE back
+    import subprocess
+    import textwrap
+
+    pytest.importorskip("openai_harmony")
+    code = textwrap.dedent(f"""
+        import os, sys, pytest
+        os.environ.pop("TIKTOKEN_ENCODINGS_BASE", None)
+        rc = pytest.main(["-q", "-p", "no:cacheprovider", {__file__!r}, "-k",
+                          "test_special_tokens_match_openai_harmony"])
+        assert rc == 0, rc
+        sys.exit(3 if "TIKTOKEN_ENCODINGS_BASE" in os.environ else 0)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TIKTOKEN_ENCODINGS_BASE"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_gzip_copy_when_cache_is_not_writable(monkeypatch, tmp_path):
+    # the documented exception: the contents are plain, the path is bpe-openai's .gz; vocab_dir says why it fails
+    if tk._bpe_openai_copy() is None:
+        pytest.skip("bpe-openai not installed")
+    for var in _SEARCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("MXMOE_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: not writable
+    path, data = tk.locate_vocab()
+    assert path == tk._bpe_openai_copy() and path.suffix == ".gz"
+    assert hashlib.sha256(data).hexdigest() == O200K_SHA256
+    with pytest.raises(tk.VocabError, match="cannot write"):
+        vocab_dir()
