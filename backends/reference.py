@@ -80,31 +80,18 @@ class TorchBackend(Backend):
     def attention(self, q, k, v, sinks, k_cache, v_cache, batch: Batch, sliding_window, sm_scale):
         T, Hq, d = q.shape
         Hkv = k.shape[1]
-        cache_len = k_cache.shape[1]
         # Write the new keys/values where the caller says, then read each sequence's keys back.
         k_cache.view(-1, Hkv, d)[batch.slot_mapping] = k.to(k_cache.dtype)
         v_cache.view(-1, Hkv, d)[batch.slot_mapping] = v.to(v_cache.dtype)
         compute = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
         out = torch.empty_like(q)
-        for s, (start, end, row, ctx) in enumerate(zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
-                                                       batch.cache_rows.tolist(), batch.context_lens.tolist())):
-            qs = q[start:end].to(compute)  # (n, Hq, d)
-            ks = k_cache[row, :ctx].to(compute)  # (L, Hkv, d)
-            vs = v_cache[row, :ctx].to(compute)
-            # GQA: query head h reads KV head h // (Hq / Hkv).
-            ks = ks.repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
-            vs = vs.repeat_interleave(Hq // Hkv, dim=1)
-            scores = torch.einsum("nhd,lhd->hnl", qs, ks) * sm_scale  # (Hq, n, L)
-            q_pos = batch.positions[start:end][:, None]  # (n, 1)
-            k_pos = torch.arange(ctx, device=q.device)[None, :]  # (1, L)
-            allowed = k_pos <= q_pos
-            if sliding_window:
-                allowed &= q_pos - k_pos < sliding_window
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            # The sink is one extra logit per head that takes probability mass but contributes no value.
-            sink = sinks.to(compute)[:, None, None].expand(Hq, end - start, 1)
-            probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-            out[start:end] = torch.einsum("hnl,lhd->nhd", probs, vs).to(q.dtype)
+        # One sequence at a time (attention_one_sequence, below, holds the math).
+        for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
+                                        batch.cache_rows.tolist(), batch.context_lens.tolist()):
+            o = attention_one_sequence(q[start:end].to(compute), k_cache[row, :ctx].to(compute),
+                                       v_cache[row, :ctx].to(compute), sinks, batch.positions[start:end],
+                                       sliding_window, sm_scale)
+            out[start:end] = o.to(q.dtype)
         return out
 
     def router(self, x, gate: Linear, top_k):
@@ -119,14 +106,13 @@ class TorchBackend(Backend):
         T, D = x.shape
         out = torch.zeros(T, D, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         xc = x.to(experts.dtype)
-        # Loop over the experts that received tokens; dequantize each one's weights just for this use.
+        # Loop over the experts that received tokens; dequantize each one's weights just for this use
+        # (expert_mlp, below, holds the math).
         for e in torch.unique(expert_indices).tolist():
             token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
-            w1 = experts.mlp1.expert_weight(e, experts.dtype)  # (2I, D)
-            h = torch.nn.functional.linear(xc[token], w1, experts.mlp1.bias[e])  # (n, 2I)
-            h = swiglu(h, swiglu_alpha, swiglu_limit)  # (n, I)
-            w2 = experts.mlp2.expert_weight(e, experts.dtype)  # (D, I)
-            y = torch.nn.functional.linear(h, w2, experts.mlp2.bias[e])  # (n, D)
+            y = expert_mlp(xc[token], experts.mlp1.expert_weight(e, experts.dtype), experts.mlp1.bias[e],
+                           experts.mlp2.expert_weight(e, experts.dtype), experts.mlp2.bias[e],
+                           swiglu_alpha, swiglu_limit)  # (n, D)
             out.index_add_(0, token, (y * expert_weights[token, slot, None]).to(out.dtype))
         return out.to(x.dtype)
 
@@ -136,6 +122,44 @@ class _Experts:
         if mlp1.num_experts != mlp2.num_experts:
             raise NotSupported("torch", f"mlp1 with {mlp1.num_experts} experts and mlp2 with {mlp2.num_experts}")
         self.mlp1, self.mlp2, self.dtype = mlp1, mlp2, dtype
+
+
+# ---- the math of one sequence / one expert (also compiled by the ``compile`` plugin) ------------------
+
+def attention_one_sequence(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                           q_positions: torch.Tensor, sliding_window: int, sm_scale: float) -> torch.Tensor:
+    """Causal attention with sinks for one sequence, in the dtype of ``q`` (the compute dtype).
+
+    q (n, Hq, d): the sequence's new queries; k, v (L, Hkv, d): all its keys/values, position 0 first;
+    sinks (Hq,); q_positions (n,): the queries' positions. Query i sees key j when j <= pos_i and, with
+    a sliding window W > 0, pos_i - j < W. Returns (n, Hq, d).
+    """
+    Hq, Hkv = q.shape[1], k.shape[1]
+    # GQA: query head h reads KV head h // (Hq / Hkv).
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q, k) * sm_scale  # (Hq, n, L)
+    q_pos = q_positions[:, None]  # (n, 1)
+    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]  # (1, L)
+    allowed = k_pos <= q_pos
+    if sliding_window:
+        allowed &= q_pos - k_pos < sliding_window
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # The sink is one extra logit per head that takes probability mass but contributes no value.
+    sink = sinks.to(q.dtype)[:, None, None].expand(Hq, q.shape[0], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("hnl,lhd->nhd", probs, v)
+
+
+def expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+               alpha: float, limit: float) -> torch.Tensor:
+    """One expert on the n tokens routed to it: x (n, D) → mlp2(swiglu(mlp1(x))) (n, D).
+
+    w1 (2I, D), b1 (2I,): mlp1, gate and linear rows interleaved; w2 (D, I), b2 (D,): mlp2.
+    """
+    h = torch.nn.functional.linear(x, w1, b1)  # (n, 2I)
+    h = swiglu(h, alpha, limit)  # (n, I)
+    return torch.nn.functional.linear(h, w2, b2)  # (n, D)
 
 
 def swiglu(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

@@ -8,7 +8,9 @@ import sys
 import warnings
 from typing import Any
 
-from mxmoe.core.backend import BACKEND_API_VERSION, OPS
+import torch
+
+from mxmoe.core.backend import BACKEND_API_VERSION, OPS, parse_dtype
 
 from .discovery import ENV_ALLOW, ENV_BLOCK, ENV_NO_AUTOLOAD, GROUP, discover
 from .selection import (ENV_BACKEND, ENV_CONFIG, ENV_STRICT, OP_GROUPS, BackendFallbackWarning,
@@ -68,6 +70,16 @@ def register_cli(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        print(f"error: --device {args.device!r}: {e}", file=sys.stderr)
+        return 2
+    try:
+        parse_dtype(args.dtype)
+    except (ValueError, TypeError, KeyError) as e:
+        print(f"error: --dtype {args.dtype!r}: {e}", file=sys.stderr)
+        return 2
     registry = discover()
     rows = backend_status(registry, device=args.device, dtype=args.dtype)
     payload: dict[str, Any] = {
@@ -114,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
         for p in others:
             out.append(f"  {p.name} ({p.distribution or '?'} {p.dist_version or ''}".rstrip()
                        + f"): {p.status}: {p.reason}")
+    notes = [p for p in registry.plugins if p.note]
+    if notes:
+        out += ["", "plugin notes:"]
+        out += [f"  {p.name} ({p.distribution or '?'}): {p.note}" for p in notes]
     if resolution is not None:
         out += ["", resolution.explain()]
     print("\n".join(out))

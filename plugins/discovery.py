@@ -1,10 +1,16 @@
 """Finding plugins and the backends they register.
 
 The built-in engines (``mxmoe.backends``) are registered first, under the plugin name ``builtin``; then
-every entry point of the group ``mxmoe`` is loaded through pluggy's ``load_setuptools_entrypoints``,
-one name at a time so that a plugin failing to import is reported (status ``failed`` with the reason)
-and never stops the others. Then each plugin's ``mxmoe_register_backends`` is called, and every class it
-returns is checked (a Backend subclass, a unique name, capabilities as data, a compatible API range).
+every entry point of the group ``mxmoe`` is loaded (``ep.load()``) and registered with pluggy under its
+entry-point name, one entry point at a time (see :func:`_discover` for why not through pluggy's
+``load_setuptools_entrypoints``): a plugin failing to import is reported (status ``failed`` with the
+reason) and never stops the others; a second plugin with an entry-point name already taken is refused
+(status ``duplicate``, the reason naming both distributions) and never displaces the first. Then each
+plugin's ``mxmoe_register_backends`` is called, and every class it returns is checked (a Backend
+subclass, a unique lowercase name, a str ``version`` and ``api_version``, an int ``priority``,
+capabilities as data, a compatible API range); a refused class is listed with its reason. A plugin
+that registers no backend is loaded and listed with the note ``registers no backends`` (the hookspec
+allows it), not as a problem.
 
 Environment (read at each discovery; names compared case-insensitively, as entry-point name or
 distribution name):
@@ -60,6 +66,7 @@ class PluginInfo(BaseModel):
     dist_version: str | None = None
     status: PluginStatus
     reason: str = ""  # why not loaded, or what went wrong while registering its backends
+    note: str = ""  # informational, not a problem (e.g. "registers no backends")
     backends: list[str] = []
 
 
@@ -155,14 +162,21 @@ def _discover(settings: Settings) -> Registry:
     plugins.append(PluginInfo(name=BUILTIN, value=BUILTIN_MODULE, distribution="mxmoe",
                               dist_version=_dist_version("mxmoe"), status="loaded"))
 
+    # Entry points are loaded here one by one, not through pluggy's load_setuptools_entrypoints: that
+    # helper loads, for a given name, the first entry point of that name in its own scan order (not
+    # necessarily the one in hand), and one exception there would stop the whole scan. Loading each
+    # ``ep`` ourselves gives per-entry-point error isolation and attributes every plugin to the
+    # distribution it really comes from. A registered name is never set_blocked: that would unregister
+    # the plugin already loaded under it.
     for ep, dist in _entry_points():
         info = PluginInfo(name=ep.name, value=ep.value, distribution=dist.metadata["Name"],
                           dist_version=dist.version, status="loaded")
         names = (_norm(ep.name), _norm(info.distribution or ""))
         if ep.value.split(":")[0].strip() == BUILTIN_MODULE:
             continue  # our own pyproject's entry point for the built-ins, registered above already
-        if pm.has_plugin(ep.name) or any(p.name == ep.name and p.status == "loaded" for p in plugins):
-            info.status, info.reason = "duplicate", f"a plugin named {ep.name!r} is already registered"
+        first = next((p for p in plugins if p.name == ep.name and p.status == "loaded"), None)
+        if first is not None or pm.has_plugin(ep.name):
+            info.status, info.reason = "duplicate", _duplicate_reason(ep.name, info, first)
         elif any(n in settings.block for n in names):
             info.status, info.reason = "blocked", f"named in {ENV_BLOCK}"
         elif settings.allow and not any(n in settings.allow for n in names):
@@ -170,13 +184,26 @@ def _discover(settings: Settings) -> Registry:
         elif not settings.autoload and not any(n in settings.allow for n in names):
             info.status, info.reason = "autoload_disabled", f"{ENV_NO_AUTOLOAD} is set"
         if info.status != "loaded":
-            pm.set_blocked(ep.name)  # so that no other route loads it either
             plugins.append(info)
+            if info.status == "duplicate":
+                log.warning("mxmoe plugin %r (%s) not loaded: %s", ep.name, info.distribution, info.reason)
+            elif not pm.has_plugin(ep.name):
+                pm.set_blocked(ep.name)  # refused by the settings: so that no other route loads it either
             continue
+        obj: Any = None
         try:
-            if pm.load_setuptools_entrypoints(GROUP, name=ep.name) == 0:
-                info.status, info.reason = "duplicate", f"a plugin named {ep.name!r} is already registered"
+            if pm.is_blocked(ep.name):  # blocked for another distribution's entry point of the same name
+                _unblock(pm, ep.name)
+            obj = ep.load()
+            other = pm.get_name(obj)
+            if other is not None:  # the same module under another entry-point name
+                info.status, info.reason = "duplicate", (f"{ep.value!r} is already registered as plugin "
+                                                         f"{other!r}")
+            else:
+                pm.register(obj, name=ep.name)
         except (Exception, SystemExit) as e:  # a plugin must never take the process down
+            if obj is not None and pm.get_plugin(ep.name) is obj:
+                pm.unregister(name=ep.name)  # half-registered (a hookimpl failed validation)
             info.status, info.reason = "failed", f"cannot load {ep.value!r}: {type(e).__name__}: {e}"
             log.warning("mxmoe plugin %r (%s) failed to load: %s", ep.name, info.distribution, info.reason)
         plugins.append(info)
@@ -184,6 +211,23 @@ def _discover(settings: Settings) -> Registry:
     registry = Registry(manager=pm, settings=settings, plugins=plugins, infos=[])
     _collect_backends(registry)
     return registry
+
+
+def _unblock(pm: pluggy.PluginManager, name: str) -> None:
+    if hasattr(pm, "unblock"):  # pluggy >= 1.4
+        pm.unblock(name)
+    else:
+        pm._name2plugin.pop(name, None)  # what unblock does
+
+
+def _duplicate_reason(name: str, info: PluginInfo, first: PluginInfo | None) -> str:
+    def where(p: PluginInfo | None) -> str:
+        if p is None:
+            return "a plugin registered directly"
+        return f"distribution {p.distribution or '?'} {p.dist_version or ''}".rstrip()
+
+    return (f"entry-point name {name!r} is already taken by {where(first)}; this one, from {where(info)} "
+            f"({info.value}), is not loaded")
 
 
 def _collect_backends(registry: Registry) -> None:
@@ -209,10 +253,15 @@ def _collect_backends(registry: Registry) -> None:
             _problem(plugin, f"mxmoe_register_backends returned {type(result).__name__}, expected a list of "
                              "Backend classes")
             continue
-        if not result:
-            _problem(plugin, "registers no backends")
+        if not result:  # allowed by the hookspec: informational, not a problem
+            plugin.note = "registers no backends"
+            log.info("mxmoe plugin %r registers no backends", plugin.name)
         for cls in result:
-            info = _describe(cls, plugin, registry)
+            try:
+                info = _describe(cls, plugin, registry)
+            except (Exception, SystemExit) as e:  # e.g. a class attribute that raises when read
+                _problem(plugin, f"cannot read the declaration of {cls!r}: {type(e).__name__}: {e}")
+                continue
             if info is None:
                 continue
             registry.infos.append(info)
@@ -228,17 +277,36 @@ def _describe(cls: Any, plugin: PluginInfo, registry: Registry) -> BackendInfo |
         _problem(plugin, f"registered {cls!r}, which is not a subclass of mxmoe.core.backend.Backend")
         return None
     name = getattr(cls, "name", None)
+    where = f"backend class {cls.__module__}.{cls.__qualname__}"
     if not isinstance(name, str) or not name or name == Backend.name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        _problem(plugin, f"backend class {cls.__module__}.{cls.__qualname__} has no valid name ({name!r}); "
-                         "set the class attribute `name` (letters, digits, '_', '.', '-')")
+        _problem(plugin, f"{where} has no valid name ({name!r}); set the class attribute `name` (lowercase "
+                         "letters, digits, '_', '.', '-')")
+        return None
+    if name != name.lower():
+        # Backend specs are case-insensitive (lowercased when parsed), so a name with capitals could never
+        # be requested: refuse it here, where the plugin author sees why.
+        _problem(plugin, f"{where} is named {name!r}: backend names must be lowercase (backend specs are "
+                         f"case-insensitive); use {name.lower()!r}")
         return None
     caps = getattr(cls, "capabilities", None)
-    compatible, why = api_compatible(str(cls.api_version))
-    info = BackendInfo(name=name, version=str(cls.version), plugin=plugin.name, distribution=plugin.distribution,
+    version, api_version, priority = (getattr(cls, a, None) for a in ("version", "api_version", "priority"))
+    bad = [f"{attr} is {value!r} ({type(value).__name__}), expected {expected}"
+           for attr, value, ok, expected in (
+               ("version", version, isinstance(version, str), "a str"),
+               ("api_version", api_version, isinstance(api_version, str), "a str such as '>=1.0,<2'"),
+               ("priority", priority, isinstance(priority, int) and not isinstance(priority, bool), "an int"))
+           if not ok]
+    compatible, why = api_compatible(api_version) if isinstance(api_version, str) else (False, "")
+    info = BackendInfo(name=name, version=version if isinstance(version, str) else repr(version),
+                       plugin=plugin.name, distribution=plugin.distribution,
                        dist_version=plugin.dist_version, cls=f"{cls.__module__}:{cls.__qualname__}",
-                       api_version=str(cls.api_version), api_compatible=compatible, priority=int(cls.priority),
+                       api_version=api_version if isinstance(api_version, str) else repr(api_version),
+                       api_compatible=compatible,
+                       priority=priority if isinstance(priority, int) and not isinstance(priority, bool) else 0,
                        capabilities=caps if isinstance(caps, Capabilities) else None)
-    if not compatible:
+    if bad:
+        info.problem, info.problem_kind = "; ".join(bad), "invalid"
+    elif not compatible:
         info.problem, info.problem_kind = why, "api_version"
     elif info.capabilities is None:
         info.problem, info.problem_kind = (f"capabilities is {type(caps).__name__}, expected "

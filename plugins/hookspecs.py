@@ -42,8 +42,12 @@ def mxmoe_register_backends() -> list[type[Backend]]:
     :return: subclasses of :class:`mxmoe.core.backend.Backend` (classes, not instances), each with a
         name unique across all plugins, an ``api_version`` range that must contain
         :data:`mxmoe.core.backend.BACKEND_API_VERSION`, and :class:`~mxmoe.core.backend.Capabilities`.
-        Return an empty list (or ``None``) to provide nothing, e.g. when an optional dependency is absent
-        — although letting the backend's ``probe()`` say so is friendlier, since the backend is then
+        Names must be lowercase (letters, digits, ``_``, ``.``, ``-``): backend specs are
+        case-insensitive. ``version`` and ``api_version`` must be str, ``priority`` an int; a class
+        that breaks these rules is refused and listed with the reason.
+        Return an empty list (or ``None``) to provide nothing, e.g. when an optional dependency is absent:
+        the plugin is then listed as loaded, with the note "registers no backends" (not a problem) —
+        although letting the backend's ``probe()`` say so is friendlier, since the backend is then
         listed with its reason.
     """
 
@@ -56,7 +60,9 @@ def mxmoe_resolution_done(resolution: Resolution) -> None:
     ``load_model``), after each op has been given a backend and before any weight is prepared.
 
     Not firstresult; return values are ignored. Meant for logging and telemetry: implementations must
-    not modify the resolution. An implementation that raises is logged and ignored.
+    not modify the resolution. Each implementation is called on its own (in pluggy's order, but not
+    through pluggy's call loop), so one that raises anything, SystemExit included, is logged and ignored,
+    and the others are still called. Hook wrappers are not supported for this hook (they are ignored).
 
     :param resolution: the chosen backend per op (``resolution.ops``) and the trace of the decision
         (``resolution.trace``).

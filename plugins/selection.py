@@ -253,6 +253,10 @@ def load_config(path: Path) -> tuple[BackendSpec | None, bool]:
     section = data.get("backend")
     if section is None:
         return None, False
+    if not isinstance(section, dict):
+        hint = f' (write: [backend] then default = "{section}")' if isinstance(section, str) else ""
+        raise SpecError(f"config file {path}: [backend] must be a table, found {type(section).__name__} "
+                        f"{section!r}{hint}")
     try:
         cfg = _BackendSection.model_validate(section)
     except ValidationError as e:
@@ -304,6 +308,9 @@ def _candidates(registry: Registry, device: torch.device, dtype: torch.dtype) ->
         except NotSupported as e:
             c.problem = Rejection(backend=info.name, kind="not_supported", reason=str(e))
             continue
+        except (Exception, SystemExit) as e:  # a plugin's bug: this backend is out, the process goes on
+            c.problem = Rejection(backend=info.name, kind="error", reason=f"check raised {type(e).__name__}: {e}")
+            continue
         c.probe = probe_backend(c.instance, device)
         if not c.probe.available:
             c.problem = Rejection(backend=info.name, kind="unavailable",
@@ -323,6 +330,9 @@ def _op_problem(c: _Candidate, op: str, model_config: Any) -> Rejection | None:
             _check_model(c.instance, op, model_config)
     except NotSupported as e:
         return Rejection(backend=c.info.name, kind="not_supported", reason=str(e))
+    except (Exception, SystemExit) as e:  # a plugin's bug: this backend does not serve the op
+        return Rejection(backend=c.info.name, kind="error",
+                         reason=f"check for {op!r} raised {type(e).__name__}: {e}")
     return None
 
 
@@ -453,11 +463,28 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
         raise BackendSelectionError("cannot choose a backend for every op:\n  " + "\n  ".join(failures), res)
     for w in res.warnings:
         warnings.warn(w, BackendFallbackWarning, stacklevel=2)
-    try:
-        registry.manager.hook.mxmoe_resolution_done(resolution=res)
-    except Exception as e:  # observers must not break loading
-        log.warning("an mxmoe_resolution_done hook raised %s: %s", type(e).__name__, e)
+    _notify_resolution_done(registry, res)
     return res
+
+
+def _notify_resolution_done(registry: Registry, res: Resolution) -> None:
+    """Call every ``mxmoe_resolution_done`` implementation on its own, in pluggy's order.
+
+    Not through ``hook.mxmoe_resolution_done(...)``: pluggy stops at the first implementation that
+    raises (the others are never called) and lets SystemExit through. Observers must not break loading,
+    nor each other.
+    """
+    kwargs = {"resolution": res}
+    for impl in reversed(registry.manager.hook.mxmoe_resolution_done.get_hookimpls()):  # pluggy's call order
+        if impl.hookwrapper or getattr(impl, "wrapper", False):
+            log.warning("mxmoe plugin %r: a hook wrapper of mxmoe_resolution_done is not supported; ignored",
+                        impl.plugin_name)
+            continue
+        try:
+            impl.function(*[kwargs[name] for name in impl.argnames])
+        except (Exception, SystemExit) as e:
+            log.warning("mxmoe plugin %r: mxmoe_resolution_done raised %s: %s; ignored", impl.plugin_name,
+                        type(e).__name__, e)
 
 
 def backend_status(registry: Registry | None = None, device: torch.device | str = "cpu",

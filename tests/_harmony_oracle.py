@@ -170,9 +170,27 @@ def tool_message(draw):
         .with_channel("commentary").with_recipient("assistant")
 
 
+# Pieces that BPE would merge across a part boundary ("the " + "weather" is not "the weather").
+_PART_EDGES = st.sampled_from(["What is the ", "weather today?", " ", "a", "b ", "\n", "é", "日本"])
+
+
+@st.composite
+def multi_part_message(draw):
+    """A message whose content is several text parts (openai-harmony tokenizes each part on its own)."""
+    role = draw(st.sampled_from([oh.Role.USER, oh.Role.ASSISTANT, oh.Role.DEVELOPER]))
+    parts = draw(st.lists(st.one_of(_PART_EDGES, text), min_size=2, max_size=3))
+    m = oh.Message(author=oh.Author(role=role), content=[oh.TextContent(text=t) for t in parts])
+    if role == oh.Role.ASSISTANT:
+        m = m.with_channel(draw(st.sampled_from(["analysis", "commentary", "final"])))
+    return m
+
+
 @st.composite
 def any_message(draw):
-    kind = draw(st.sampled_from(["user", "assistant", "assistant", "tool", "user_named", "developer_text"]))
+    kind = draw(st.sampled_from(["user", "assistant", "assistant", "tool", "user_named", "developer_text",
+                                 "multi_part"]))
+    if kind == "multi_part":
+        return draw(multi_part_message())
     if kind == "user":
         return oh.Message.from_role_and_content(oh.Role.USER, draw(text))
     if kind == "user_named":

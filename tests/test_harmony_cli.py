@@ -122,9 +122,33 @@ def test_chat_non_interactive(tiny_model, tmp_path):
     parser = session.reply()
     assert parser.tokens == tokens
     assert reply["stop_token"] == parser.stop_token
-    # lenient parsing keeps all generated text (content or header text) somewhere in the messages or issues
+    # the subprocess parsed the same tokens the same way
     assert json.dumps(reply["messages"], ensure_ascii=False) == \
         json.dumps([m.to_dict() for m in parser.messages], ensure_ascii=False)
+    # lenient parsing keeps all generated text (content or header text) somewhere in the messages or issues
+    _assert_text_kept(model.tokenizer, tokens, reply)
+
+
+def _assert_text_kept(tok, tokens, reply):
+    """Every run of ordinary (non-special) generated tokens is found again in the reply: as message content,
+    or, for header text, word by word in the header fields (``to=x`` as recipient ``x``), or in an issue."""
+    kept = []
+    for m in reply["messages"]:
+        kept += [c.get("text", "") for c in m["content"]]
+        kept += [m.get(k) or "" for k in ("name", "channel", "recipient", "content_type")]
+    kept += [i["reason"] for i in reply["issues"]]
+    blob = "\n".join(kept)
+    runs, run = [], []
+    for t in tokens + [None]:
+        if t is None or tok.is_special(t):
+            if run:
+                runs.append(tok.decode(run))
+            run = []
+        else:
+            run.append(t)
+    assert runs, "the tiny model generated ordinary tokens"
+    for text in runs:
+        assert text in blob or all(w.split("=", 1)[-1] in blob for w in text.split()), (text, blob)
 
 
 def test_chat_interactive_stdin_and_eof(tiny_model):
@@ -184,3 +208,20 @@ def test_chat_reply_interrupted_keeps_session_usable(tiny_model):
     assert interactive(session, preamble(date="2025-01-01"), input_fn=fake_input, out=out) == 0
     assert [m.text for m in session.messages if m.author.role.value == "user"] in ([], ["second question"])
     assert calls["n"] == 1
+
+
+@pytest.mark.parametrize("content", ["null", "7"])
+def test_render_cli_bad_content_is_an_error_not_a_traceback(tmp_path, content):
+    path = tmp_path / "conv.json"
+    path.write_text('{"messages": [{"role": "user", "content": %s}]}' % content)
+    run = _mxmoe("harmony", "render", str(path))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "message 0: content must be a string or a list of content parts" in run.stderr
+
+
+def test_chat_conversation_bad_content_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "conv.json"
+    path.write_text('{"messages": [{"role": "user", "content": null}]}')
+    run = _mxmoe("chat", "--model", str(tmp_path / "no-model"), "--conversation", str(path))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "message 0: content must be a string or a list of content parts, found null" in run.stderr

@@ -67,9 +67,8 @@ def test_parse_rendered_conversation_matches_oracle(tok, conv):
         theirs = [m.to_dict() for m in enc.parse_messages_from_completion_tokens(ids, None)]
     except Exception:
         return  # the oracle rejects some (e.g. user:name headers); lenient mode must still not raise
-    # harmony reads "<|channel|>x json" as recipient "json"; we read it as the content type it was written as
-    if any(m.content_type is not None and m.recipient is None for m in conv.messages):
-        return
+    # (O.assistant_message gives a content type only with a recipient: harmony would read
+    # "<|channel|>x json" without one as recipient "json")
     assert [m.to_dict() for m in ours.messages] == theirs
 
 
@@ -243,3 +242,22 @@ def test_tool_calls_and_results(tok):
     text = "<|channel|>commentary to=functions.f<|message|>{not json<|call|>"
     [g] = extract_tool_calls(parse_tokens(tok, tok.encode(text, allowed_special="all")).messages)
     assert g.parsed is None and "not valid JSON" in g.error
+
+
+def test_one_meaning_of_truncated(tok):
+    """"truncated" is the parser's: the stream ended inside a message. Chat's JSON says the same."""
+    from mxmoe.core.harmony.chat import _result_json
+
+    cases = {"<|channel|>analysis<|message|>think<|end|>": False,  # no stop token, but between messages
+             "<|channel|>final<|message|>Hello wor": True,  # cut off in content
+             "<|channel|>final<|message|>Hi<|return|>": False,
+             "<|channel|>fin": True}  # cut off in a header
+    for text, truncated in cases.items():
+        ids = tok.encode(text, allowed_special="all")
+        parser = StreamParser(tok, "assistant", strict=False)
+        parser.feed(ids)
+        parser.process_eos()
+        parser.process_eos()  # a second end of stream changes nothing
+        assert parser.truncated is truncated, text
+        assert parse_tokens(tok, ids, strict=False).truncated is truncated, text
+        assert _result_json(parser)["truncated"] is truncated, text

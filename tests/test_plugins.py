@@ -129,7 +129,8 @@ def test_dummy_plugins_are_discovered_and_their_failures_reported(dummies, caplo
     assert ">=0.1,<1" in old.problem and BACKEND_API_VERSION in old.problem
     assert "oldapi" not in reg.classes
 
-    assert "registers no backends" in plugin(reg, "empty").reason
+    empty = plugin(reg, "empty")  # allowed by the hookspec: a note, not a problem
+    assert empty.status == "loaded" and empty.note == "registers no backends" and not empty.reason
     assert "ValueError: cannot read my own config" in plugin(reg, "hookraises").reason
     dup = [i for i in reg.infos if i.name == "torch" and i.plugin == "duplicate"][0]
     assert dup.problem_kind == "duplicate" and "builtin" in dup.problem
@@ -387,3 +388,178 @@ def test_cli_help_documents_env(capsys):
     for var in ENV_VARS:
         assert var in text
     assert "moe = router+experts" in text
+
+
+# ---- review fixes: plugins that misbehave never stop the process ------------------------------------
+
+_BACKEND_SRC = """
+from mxmoe.backends.reference import TorchBackend
+from mxmoe.plugins import hookimpl
+
+class B(TorchBackend):
+    name = {name!r}
+    priority = {priority!r}
+{body}
+
+@hookimpl
+def mxmoe_register_backends():
+    return [B]
+"""
+
+
+@pytest.fixture
+def install(monkeypatch, tmp_path):
+    """install(dist, ep, module, source): an installed distribution whose entry point ``ep`` is ``module``."""
+    import sys
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    monkeypatch.syspath_prepend(str(site_dir))
+    modules = []
+
+    def install(dist: str, ep: str, module: str, source: str) -> None:
+        (site_dir / f"{module}.py").write_text(source)
+        write_dist(site_dir, dist, {ep: module})
+        modules.append(module)
+
+    yield install
+    if str(site_dir) in sys.path:
+        sys.path.remove(str(site_dir))  # (monkeypatch restores sys.path later; rediscovering must not see it)
+    for m in modules:
+        sys.modules.pop(m, None)
+    discover(refresh=True)
+
+
+def backend_src(name: str, priority=50, body: str = "") -> str:
+    return _BACKEND_SRC.format(name=name, priority=priority, body=body)
+
+
+def test_same_entry_point_name_in_two_distributions(install, caplog):
+    install("rv-a", "same", "mxmoe_rv_same_a", backend_src("samea"))
+    install("rv-b", "same", "mxmoe_rv_same_b", backend_src("sameb"))
+    reg = discover(refresh=True)
+    same = [p for p in reg.plugins if p.name == "same"]
+    assert [(p.distribution, p.status) for p in same] == [("rv-a", "loaded"), ("rv-b", "duplicate")]
+    loaded, dup = same
+    # the first keeps its plugin and its backends, attributed to the distribution it comes from
+    assert loaded.backends == ["samea"] and reg.info("samea").distribution == "rv-a"
+    assert reg.classes["samea"].__module__ == "mxmoe_rv_same_a"
+    assert reg.manager.get_plugin("same").__name__ == "mxmoe_rv_same_a"
+    assert "sameb" not in reg.classes and "mxmoe_rv_same_b" not in __import__("sys").modules
+    assert "rv-a" in dup.reason and "rv-b" in dup.reason and "rv-b" in caplog.text
+    res = resolve_backends("samea", device="cpu", dtype=torch.float32)
+    assert {b.name for b in res.ops.values()} == {"samea"}
+
+
+@pytest.mark.parametrize("attrs, why", [
+    ({"priority": "high"}, "priority is 'high' (str), expected an int"),
+    ({"priority": True}, "priority is True (bool), expected an int"),
+    ({"priority": 1.5}, "priority is 1.5 (float), expected an int"),
+    ({"version": 1}, "version is 1 (int), expected a str"),
+    ({"api_version": 1.0}, "api_version is 1.0 (float), expected a str"),
+])
+def test_bad_declarations_are_refused_with_a_reason(install, capsys, attrs, why):
+    body = "".join(f"    {k} = {v!r}\n" for k, v in attrs.items() if k != "priority")
+    install("rv-decl", "decl", "mxmoe_rv_decl", backend_src("decl", attrs.get("priority", 50), body))
+    reg = discover(refresh=True)
+    info = reg.info("decl")
+    assert info.problem_kind == "invalid" and why in info.problem and "decl" not in reg.classes
+    res = resolve_backends(None, device="cpu", dtype=torch.float32)
+    assert res.decision("linear").backend == "torch"
+    assert {r.backend: r.kind for r in res.decision("linear").rejected}["decl"] == "invalid"
+    assert cli_main(["backends", "--json"]) == 0
+    assert status(json.loads(capsys.readouterr().out)["backends"], "decl")["reason"] == info.problem
+
+
+def test_backend_names_must_be_lowercase(install):
+    install("rv-upper", "upper", "mxmoe_rv_upper", backend_src("FastCUDA"))
+    reg = discover(refresh=True)
+    assert all(i.name.lower() != "fastcuda" for i in reg.infos) and not reg.plugin("upper").backends
+    reason = reg.plugin("upper").reason
+    assert "'FastCUDA'" in reason and "must be lowercase" in reason and "'fastcuda'" in reason
+
+
+@pytest.mark.parametrize("exc", ["RuntimeError('boom in check')", "SystemExit('boom in check')"])
+@pytest.mark.parametrize("when", ["device", "op"])
+def test_check_that_raises_is_a_rejection_not_a_crash(install, exc, when):
+    cond = "True" if when == "device" else "kw.get('op') == 'linear'"
+    body = (f"    def check(self, **kw):\n        if {cond}:\n            raise {exc}\n"
+            "        return super().check(**kw)\n")
+    install("rv-check", "badcheck", "mxmoe_rv_check", backend_src("badcheck", 1000, body))
+    discover(refresh=True)
+    res = resolve_backends(None, device="cpu", dtype=torch.float32)
+    assert res.decision("linear").backend == "torch"
+    rej = {r.backend: r for r in res.decision("linear").rejected}["badcheck"]
+    assert rej.kind == "error" and "boom in check" in rej.reason and exc.split("(")[0] in rej.reason
+    if when == "op":
+        assert res.decision("rms_norm").backend == "badcheck"  # only the op whose check raised is lost
+
+
+def test_every_resolution_observer_is_called_and_none_stops_loading(caplog):
+    import types
+
+    from mxmoe.plugins import hookimpl
+
+    seen = []
+
+    def observer(name, action):
+        mod = types.ModuleType(name)
+
+        @hookimpl
+        def mxmoe_resolution_done(resolution):
+            seen.append(name)
+            action()
+
+        mod.mxmoe_resolution_done = mxmoe_resolution_done
+        return mod
+
+    def exit_():
+        raise SystemExit(3)
+
+    def boom():
+        raise RuntimeError("observer broke")
+
+    reg = discover(refresh=True)
+    try:
+        reg.manager.register(observer("obs_ok", lambda: None), name="obs_ok")
+        reg.manager.register(observer("obs_exit", exit_), name="obs_exit")
+        reg.manager.register(observer("obs_boom", boom), name="obs_boom")
+        res = resolve_backends("torch", device="cpu", dtype=torch.float32, registry=reg)
+    finally:
+        discover(refresh=True)
+    assert res.ops["linear"].name == "torch"
+    assert sorted(seen) == ["obs_boom", "obs_exit", "obs_ok"]
+    assert "SystemExit" in caplog.text and "observer broke" in caplog.text
+
+
+def test_plugin_registering_nothing_is_a_note_not_a_problem(install, capsys):
+    install("rv-none", "none", "mxmoe_rv_none",
+            "from mxmoe.plugins import hookimpl\n\n@hookimpl\ndef mxmoe_register_backends():\n    return None\n")
+    reg = discover(refresh=True)
+    p = reg.plugin("none")
+    assert p.status == "loaded" and p.note == "registers no backends" and p.reason == ""
+    res = resolve_backends(None, device="cpu", dtype=torch.float32)
+    assert all(q["name"] != "none" for q in res.to_dict()["plugin_problems"]) and "none" not in res.explain()
+    assert cli_main(["backends"]) == 0
+    out = capsys.readouterr().out
+    problems, notes = out.split("plugin notes:")
+    assert "none (rv-none): registers no backends" in notes and "rv-none" not in problems
+
+
+@pytest.mark.parametrize("args, what", [(["--device", "cdua"], "--device 'cdua'"),
+                                        (["--dtype", "fp33"], "--dtype 'fp33'")])
+def test_cli_bad_device_or_dtype_is_an_error_not_a_traceback(capsys, args, what):
+    assert cli_main(["backends", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {what}") and "Traceback" not in err
+
+
+def test_config_backend_not_a_table(tmp_path, capsys):
+    path = write_config(tmp_path / "bad.toml", 'backend = "torch"\n')
+    with pytest.raises(SpecError, match=r"must be a table") as e:
+        resolve_backends(None, config_file=path)
+    assert str(path) in str(e.value) and "[backend] must be a table" in str(e.value)
+    assert "_BackendSection" not in str(e.value)
+    assert cli_main(["backends", "--explain", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[backend] must be a table" in err and str(path) in err

@@ -147,3 +147,21 @@ def test_generation_unchanged_through_the_plugin(compile_plugin, tiny):
     want = list(build(tiny, "torch").generate(prompt, max_tokens=8))
     for spec in ("compile", "torch,attention=compile,moe=compile"):
         assert list(build(tiny, spec).generate(prompt, max_tokens=8)) == want, spec
+
+
+def test_compiles_the_reference_math_instead_of_copying_it(compile_plugin, tiny, monkeypatch):
+    """The per-sequence attention and the one-expert MLP are written once, in the reference, which uses them
+    itself; the plugin compiles those very functions."""
+    import mxmoe.backends.reference as ref
+    from mxmoe_compile import backend as cb
+
+    assert cb._sequence_attention.fn is ref.attention_one_sequence and cb._expert_mlp.fn is ref.expert_mlp
+    for fn in (ref.attention_one_sequence, ref.expert_mlp, ref.swiglu):
+        assert fn.__doc__ and not fn.__name__.startswith("_")
+    assert not hasattr(cb, "_Experts") and not hasattr(cb, "swiglu")  # no private imports, no copied math
+    calls = []
+    for name in ("attention_one_sequence", "expert_mlp"):
+        real = getattr(ref, name)
+        monkeypatch.setattr(ref, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    build(tiny, "torch").logits(torch.arange(10))
+    assert {"attention_one_sequence", "expert_mlp"} <= set(calls)  # the reference itself uses them

@@ -104,7 +104,7 @@ def _result_json(parser: StreamParser) -> dict:
             "tool_calls": [c.model_dump() for c in extract_tool_calls(parser.messages)],
             "issues": [i.to_dict() for i in parser.issues],
             "stop_token": parser.stop_token,
-            "truncated": parser.stop_token is None}
+            "truncated": parser.truncated}  # ended inside a message: the parser's meaning
 
 
 def _load(args):
@@ -195,7 +195,7 @@ def interactive(session: ChatSession, head: list[Message], show_analysis: bool =
         if finals:
             session.messages.extend(finals)  # earlier turns keep their answers, not their reasoning
         else:
-            print("[no final answer in this reply" + (" (max tokens reached)" if parser.stop_token is None else "")
+            print("[no final answer in this reply" + (" (cut off inside a message)" if parser.truncated else "")
                   + "]", file=sys.stderr)
             session.messages.pop()
         for issue in parser.issues:

@@ -16,7 +16,7 @@ import json
 from enum import Enum
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Role(str, Enum):
@@ -193,14 +193,42 @@ class Message(_Model):
     def from_dict(cls, data: dict[str, Any]) -> "Message":
         if not isinstance(data, dict):
             raise ValueError(f"a message must be a JSON object, got {type(data).__name__}")
-        if "author" in data:  # also accept pydantic's own dump
-            author = Author(**data["author"])
-        else:
-            author = Author(role=data.get("role"), name=data.get("name"))
+        try:
+            if "author" in data:  # also accept pydantic's own dump
+                author = Author(**data["author"])
+            else:
+                author = Author(role=data.get("role"), name=data.get("name"))
+        except ValidationError as e:
+            raise ValueError(f"author: {_errors(e)}") from None
+        except TypeError as e:  # "author" is not an object
+            raise ValueError(f"author must be an object with a role, found {data['author']!r}") from None
         raw = data.get("content", [])
-        parts = [raw] if isinstance(raw, str) else list(raw)
-        return cls(author=author, content=[_content_from_dict(p) for p in parts], channel=data.get("channel"),
-                   recipient=data.get("recipient"), content_type=data.get("content_type"))
+        if isinstance(raw, str):
+            parts = [raw]
+        elif isinstance(raw, list):
+            parts = raw
+        else:
+            found = "null" if raw is None else f"{type(raw).__name__} {raw!r}"
+            raise ValueError(f"content must be a string or a list of content parts, found {found}")
+        content = []
+        for j, part in enumerate(parts):
+            try:
+                content.append(_content_from_dict(part))
+            except ValidationError as e:
+                raise ValueError(f"content part {j}: {_errors(e)}") from None
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"content part {j}: {e}") from None
+        try:
+            return cls(author=author, content=content, channel=data.get("channel"),
+                       recipient=data.get("recipient"), content_type=data.get("content_type"))
+        except ValidationError as e:
+            raise ValueError(_errors(e)) from None
+
+
+def _errors(e: ValidationError) -> str:
+    """A pydantic error as one line: each field, what is wrong and what was found."""
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']} (found {err.get('input')!r})"
+                     for err in e.errors())
 
 
 def _content_to_dict(c: Content) -> dict[str, Any]:
@@ -230,7 +258,13 @@ class Conversation(_Model):
             data = {"messages": data}
         if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
             raise ValueError('a conversation must be {"messages": [...]} or a list of messages')
-        return cls(messages=[Message.from_dict(m) for m in data["messages"]])
+        messages = []
+        for i, m in enumerate(data["messages"]):
+            try:
+                messages.append(Message.from_dict(m))
+            except ValueError as e:
+                raise ValueError(f"message {i}: {e}") from None
+        return cls(messages=messages)
 
     @classmethod
     def from_json(cls, text: str) -> "Conversation":

@@ -201,6 +201,9 @@ class StreamParser:
         self.issues: list[Issue] = []
         self.tokens: list[int] = []
         self.stop_token: int | None = None
+        # True once process_eos() found the stream ending inside a message (content or header), e.g. cut
+        # off at max tokens: the one meaning of "truncated" (ParseResult.truncated, chat's JSON).
+        self.truncated = False
         self._next_role: Role | None = Role(role) if role is not None else None
         self._last_role: Role = self._next_role or Role.ASSISTANT
         self._header_tokens: list[int] = []
@@ -268,6 +271,8 @@ class StreamParser:
         """End of stream. Closes a message cut off in its content; a header cut off is malformed."""
         pos = len(self.tokens)
         out: list[Delta] = []
+        inside = self.state == State.CONTENT or (self.state == State.HEADER and bool(self._header_tokens))
+        self.truncated = self.truncated or inside
         if self.state == State.CONTENT:
             self._issue(pos, None, "stream ended inside a message (no <|end|>, <|return|> or <|call|>)")
             out = self._finish_message(pos)
@@ -439,6 +444,5 @@ def parse_tokens(tokenizer: Tokenizer, tokens: Iterable[int], role: Role | str |
     parser = StreamParser(tokenizer, role, strict=strict, continue_after_stop=continue_after_stop)
     for t in tokens:
         parser.process(t)
-    truncated = parser.state == State.CONTENT or (parser.state == State.HEADER and bool(parser._header_tokens))
     parser.process_eos()
-    return ParseResult(parser.messages, parser.issues, parser.stop_token, truncated)
+    return ParseResult(parser.messages, parser.issues, parser.stop_token, parser.truncated)

@@ -261,7 +261,8 @@ class Renderer:
                 ids += self._text(" " + message.content_type)
         return ids
 
-    def content_text(self, message: Message, function_tools: bool = False, index: int | None = None) -> str:
+    def content_parts(self, message: Message, function_tools: bool = False, index: int | None = None) -> list[str]:
+        """The text of each content part, in order (system/developer content rendered as text)."""
         parts = []
         for c in message.content:
             if isinstance(c, TextContent):
@@ -274,14 +275,19 @@ class Renderer:
                 if message.author.role != Role.DEVELOPER:
                     raise RenderError(f"message {index}: developer content may only appear in a developer message")
                 parts.append(developer_text(c))
-        return "".join(parts)
+        return parts
+
+    def content_text(self, message: Message, function_tools: bool = False, index: int | None = None) -> str:
+        return "".join(self.content_parts(message, function_tools, index))
 
     def render_message(self, message: Message, *, function_tools: bool = False, end: int | None = None,
                        index: int | None = None) -> list[int]:
         """One message. ``end`` overrides the closing token (``RETURN`` for a training target)."""
         if end is None:
             end = CALL if message.author.role == Role.ASSISTANT and message.recipient is not None else END
-        body = self._text(self.content_text(message, function_tools, index))
+        # Each content part is tokenized on its own, as openai-harmony does: BPE merges do not cross part
+        # boundaries, so the ids differ from those of the joined text.
+        body = [t for part in self.content_parts(message, function_tools, index) for t in self._text(part)]
         return [*self.header(message, index), MESSAGE, *body, end]
 
     def render_conversation(self, conversation: Conversation | Sequence[Message], *, auto_drop_analysis: bool = True,

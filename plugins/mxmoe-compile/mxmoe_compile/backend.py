@@ -1,8 +1,9 @@
 """``compile`` — the reference engine's ops run through ``torch.compile``.
 
 Pure ops are the reference methods, compiled whole. Attention and the experts keep the reference's
-loop over sequences / experts in Python (it is data-dependent) and compile each iteration's body,
-which mirrors the reference line for line (see mxmoe/backends/reference.py).
+loop over sequences / experts in Python (it is data-dependent) and compile each iteration's body: the
+reference's own public functions ``attention_one_sequence`` and ``expert_mlp`` (see
+mxmoe/backends/reference.py), so the math is written once.
 
 Shape legend: T tokens, D hidden, d head_dim, Hq/Hkv query/KV heads, n tokens of one sequence (or
 routed to one expert), L keys of one sequence, I intermediate.
@@ -17,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from mxmoe.backends.reference import TorchBackend, _Experts, swiglu
+from mxmoe.backends.reference import TorchBackend, attention_one_sequence, expert_mlp
 from mxmoe.core.backend import Probe
 from mxmoe.core.batch import Batch
 
@@ -52,30 +53,9 @@ _rope = _Compiled(_REF.rope)
 _router = _Compiled(_REF.router)
 
 
-@_Compiled
-def _sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
-                        q_pos: torch.Tensor, sliding_window: int, sm_scale: float) -> torch.Tensor:
-    """One sequence: q (n, Hq, d) in the compute dtype, its keys/values (L, Hkv, d) → (n, Hq, d)."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)
-    scores = torch.einsum("nhd,lhd->hnl", q, k) * sm_scale  # (Hq, n, L)
-    k_pos = torch.arange(k.shape[0], device=q.device)[None, :]  # (1, L)
-    allowed = k_pos <= q_pos[:, None]
-    if sliding_window:
-        allowed &= q_pos[:, None] - k_pos < sliding_window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    sink = sinks.to(q.dtype)[:, None, None].expand(Hq, q.shape[0], 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-    return torch.einsum("hnl,lhd->nhd", probs, v)
-
-
-@_Compiled
-def _expert_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                alpha: float, limit: float) -> torch.Tensor:
-    """One expert on its n tokens: (n, D) → (n, D) = mlp2(SwiGLU(mlp1(x)))."""
-    h = torch.nn.functional.linear(x, w1, b1)  # (n, 2I)
-    return torch.nn.functional.linear(swiglu(h, alpha, limit), w2, b2)  # (n, D)
+# The body of the reference's loops, one sequence / one expert at a time.
+_sequence_attention = _Compiled(attention_one_sequence)
+_expert_mlp = _Compiled(expert_mlp)
 
 
 class CompileBackend(TorchBackend):
@@ -144,7 +124,7 @@ class CompileBackend(TorchBackend):
             out[start:end] = o.to(q.dtype)
         return out
 
-    def experts(self, x, expert_weights, expert_indices, experts: _Experts, swiglu_alpha, swiglu_limit):
+    def experts(self, x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit):
         T, D = x.shape
         out = torch.zeros(T, D, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         xc = x.to(experts.dtype)
