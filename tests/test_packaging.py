@@ -59,3 +59,50 @@ def test_wheel_imports_in_a_clean_target(wheel, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(target)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_every_third_party_import_of_shipped_code_is_a_runtime_dependency():
+    """A fresh `pip install mxmoe` must be able to import every shipped module (test extras don't count).
+    Imports inside functions are optional integrations (e.g. pytest for engine developers) and not checked."""
+    import ast
+    import importlib.metadata as md
+    import re
+
+    declared = set()
+    for req in md.requires("mxmoe") or []:
+        if "extra ==" not in req:
+            declared.add(re.split(r"[<>=!~;\[ ]", req, maxsplit=1)[0].lower().replace("_", "-"))
+    providers = md.packages_distributions()
+    stdlib = set(sys.stdlib_module_names)
+    missing = {}
+    for folder in ("core", "backends", "plugins", "conformance"):
+        for py in (ROOT / folder).rglob("*.py"):
+            if "mxmoe-compile" in py.parts:  # a separate distribution with its own dependencies
+                continue
+            for node in _module_level(ast.parse(py.read_text())):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in stdlib or top == "mxmoe":
+                        continue
+                    dists = {d.lower().replace("_", "-") for d in providers.get(top, [top])}
+                    if not dists & declared:
+                        missing.setdefault(top, []).append(str(py.relative_to(ROOT)))
+    assert not missing, f"imported by shipped code but not a runtime dependency: {missing}"
+
+
+def _module_level(tree):
+    """Every node of a module except those inside function bodies."""
+    import ast
+
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(c for c in ast.iter_child_nodes(node)
+                     if not isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
