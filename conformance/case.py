@@ -37,10 +37,13 @@ class Profile:
     big_k: int  # reduction length of the long linear case
     model_tokens: int  # prompt tokens per sequence at level 3
     generate_tokens: int
+    long_decode: tuple[int, ...] = (4096,)  # keys of the long-decode attention examples (one query row)
 
 
-QUICK = Profile("quick", examples=3, long_context=300, big_k=4096, model_tokens=24, generate_tokens=8)
-FULL = Profile("full", examples=12, long_context=1024, big_k=8192, model_tokens=48, generate_tokens=24)
+QUICK = Profile("quick", examples=3, long_context=300, big_k=4096, model_tokens=24, generate_tokens=8,
+                long_decode=(4100,))
+FULL = Profile("full", examples=12, long_context=1024, big_k=8192, model_tokens=48, generate_tokens=24,
+               long_decode=(4100, 8192, 32768))
 PROFILES = {"quick": QUICK, "full": FULL}
 
 

@@ -65,7 +65,7 @@ def routing(g: torch.Generator, T: int, E: int, k: int, mode: str = "random",
     return w, idx
 
 
-def random_model(config, seed: int, logit_scale: float = 2.0):
+def random_model(config, seed: int, logit_scale: float = 2.0, expert_bias_scale: float = 0.1):
     """Random canonical weights for ``config`` (bf16 dense, MXFP4 experts), deterministic in ``seed``.
 
     Scales keep activations O(1) through the blocks and logits with a spread of about ``logit_scale``,
@@ -89,8 +89,10 @@ def random_model(config, seed: int, logit_scale: float = 2.0):
                                 out_bias=canonical(randn(g, D, scale=0.1)))
         mlp = MLPWeights(norm_scale=norm(), gate_weight=canonical(randn(g, c.num_experts, D, scale=D ** -0.5)),
                          gate_bias=canonical(randn(g, c.num_experts, scale=0.1)),
-                         mlp1=random_experts(g, c.num_experts, 2 * c.intermediate_size, D, 2 * D ** -0.5),
-                         mlp2=random_experts(g, c.num_experts, D, c.intermediate_size, c.intermediate_size ** -0.5))
+                         mlp1=random_experts(g, c.num_experts, 2 * c.intermediate_size, D, 2 * D ** -0.5,
+                                             bias_scale=expert_bias_scale),
+                         mlp2=random_experts(g, c.num_experts, D, c.intermediate_size, c.intermediate_size ** -0.5,
+                                             bias_scale=expert_bias_scale))
         blocks.append(BlockWeights(attn, mlp))
     return ModelWeights(embedding=canonical(randn(g, c.vocab_size, D)), blocks=blocks, norm_scale=norm(),
                         unembedding=canonical(randn(g, c.vocab_size, D, scale=logit_scale * D ** -0.5)))

@@ -42,19 +42,18 @@ def tiny_config(**overrides):
 class _Models:
     """Engine model, oracle model and noisy oracles over the same canonical weights."""
 
-    def __init__(self, ctx: Ctx, seed: int, config=None):
+    def __init__(self, ctx: Ctx, seed: int, config=None, expert_bias_scale: float = 0.1):
         self.ctx = ctx
         self.config = config or tiny_config()
-        self.weights = random_model(self.config, seed)
+        self.weights = random_model(self.config, seed, expert_bias_scale=expert_bias_scale)
         engine_ops = {op: ctx.engine for op in OPS}
         self.engine = ctx.call("model", GptOss, self.config, self.weights, engine_ops, dtype=ctx.dtype,
                                device=ctx.device)
         self.oracle = GptOss(self.config, self.weights, {op: ctx.oracle for op in OPS}, dtype=F64, device="cpu")
         self.seed = seed
 
-    def noisy(self, i: int) -> GptOss:
-        n = tol.noisy_oracle(self.ctx.dtype, self.seed * 1000 + i)
-        return GptOss(self.config, self.weights, {op: n for op in OPS}, dtype=F64, device="cpu")
+    def model_of(self, backend) -> GptOss:
+        return GptOss(self.config, self.weights, {op: backend for op in OPS}, dtype=F64, device="cpu")
 
     def run(self, model: GptOss, ids: list[list[int]], past: list[int] | None = None, rows: list[int] | None = None,
             cache=None, device=None) -> torch.Tensor:
@@ -75,12 +74,29 @@ class _Models:
     def engine_run(self, *a, **kw) -> torch.Tensor:
         return self.ctx.call("model", self.run, self.engine, *a, **kw)
 
-    def bound_rows(self, ids: list[list[int]], ref: torch.Tensor) -> torch.Tensor:
-        dev = torch.zeros(ref.shape[0], dtype=F64)
-        for i in range(tol.NOISY_DRAWS):
-            noisy = self.run(self.noisy(i), ids)
-            dev = torch.maximum(dev, (noisy - ref).abs().amax(dim=-1))
-        return tol.SAFETY_COMPOSED * dev + tol.floor(self.ctx.dtype, self.config.hidden_size)
+    def engine_run_routed(self, *a, **kw) -> tuple[torch.Tensor, list]:
+        """An engine run, with the experts its router picked (one (T, k) tensor per layer)."""
+        with tol.RoutingRecorder(self.ctx.engine) as rec:
+            out = self.engine_run(*a, **kw)
+        return out, rec.calls
+
+    def reference(self, ids: list[list[int]], forced: list | None = None):
+        """Oracle logits of ``ids`` (one batch, every token) with routing teacher-forced to ``forced`` (the
+        engine's choices, see tolerances.assemble_routing), the logit bound per row from simulated honest
+        engines with the same routing, and the routing check: (ref, bound_rows, routing problem, near-ties)."""
+        oracle = tol.routed_oracle(tol.valid_routing(forced, self.config.num_experts))
+        ref, bound, rbound = tol.composed_bound(lambda be: self.run(self.model_of(be), ids), oracle, self.ctx.dtype,
+                                                self.seed, self.config.hidden_size)
+        problem, flips = tol.routing_check(oracle, rbound)
+        return ref, bound, problem, flips
+
+    def forcing(self, calls: list, token_rows: list[list[int]], rows: int) -> list | None:
+        return tol.assemble_routing(calls, self.config.num_hidden_layers, token_rows, rows,
+                                    self.config.experts_per_token)
+
+
+def _routing_outcome(name: str, problem: str) -> Outcome:
+    return Outcome("model", math.inf, 0.0, math.inf, where=name, message=f"{name}: {problem}")
 
 
 def _rows_outcome(name: str, out: torch.Tensor, ref: torch.Tensor, bound_rows: torch.Tensor,
@@ -109,7 +125,7 @@ def _rows_outcome(name: str, out: torch.Tensor, ref: torch.Tensor, bound_rows: t
         i = int((kl / kl_b).argmax())
         o.message = f"{name}: KL {float(kl[i]):.3g} exceeds its bound {float(kl_b[i]):.3g} at row {i}"
     elif o.ratio > 1:
-        o.message = (f"{name}: logits error {o.observed:.3g} exceeds the bound {o.bound:.3g} (x{o.ratio:.3g}) at "
+        o.message = (f"{name}: error {o.observed:.3g} exceeds the bound {o.bound:.3g} (x{o.ratio:.3g}) at "
                      f"{where} (relative to the logit scale: {o.observed / float(scale[r]):.3g}); "
                      f"KL max {metrics['max_kl']:.3g}. Run levels L1/L2 to find the op.")
     return o
@@ -121,36 +137,45 @@ def _prompts(p: dict, V: int) -> list[list[int]]:
 
 
 def run_logits(ctx: Ctx, p: dict) -> Outcome:
-    m = _Models(ctx, p["seed"])
+    m = _Models(ctx, p["seed"], expert_bias_scale=p.get("bias_scale", 0.1))
     ids = _prompts(p, m.config.vocab_size)
     rows = p.get("rows")
-    ref = m.run(m.oracle, ids)
-    bound = m.bound_rows(ids, ref)
-    out = m.engine_run(ids, rows=rows)
+    out, calls = m.engine_run_routed(ids, rows=rows)
+    T = sum(len(s) for s in ids)
+    ref, bound, problem, flips = m.reference(ids, m.forcing(calls, [list(range(T))], T))
+    if problem:
+        return _routing_outcome("logits", problem)
     labels = [f"seq {s} pos {i}" for s, seq in enumerate(ids) for i in range(len(seq))]
-    return _rows_outcome("logits", out, ref, bound, labels)
+    o = _rows_outcome("logits", out, ref, bound, labels)
+    o.metrics["routing_near_ties"] = flips
+    return o
 
 
 def run_incremental(ctx: Ctx, p: dict) -> Outcome:
     """Prefill part of each sequence, then decode the rest one token per step (both sequences together)."""
     m = _Models(ctx, p["seed"])
     ids = _prompts(p, m.config.vocab_size)
-    ref = m.run(m.oracle, ids)
-    bound = m.bound_rows(ids, ref)
     starts = [0] + torch.tensor([len(s) for s in ids]).cumsum(0).tolist()
+    T = starts[-1]
     pre = p["prefill"]
     cache = m.engine.new_cache(len(ids), max(len(s) for s in ids) + 1)
     rows = list(range(len(ids)))[::-1]  # sequence s in cache row S-1-s
-    got = torch.full_like(ref, math.nan)
-    first = m.engine_run([s[:pre] for s in ids], rows=rows, cache=cache)
+    got = torch.full((T, m.config.vocab_size), math.nan, dtype=F64)
+    first, calls = m.engine_run_routed([s[:pre] for s in ids], rows=rows, cache=cache)
+    token_rows = [[starts[s] + i for s in range(len(ids)) for i in range(pre)]]
     for s in range(len(ids)):
         got[starts[s]:starts[s] + pre] = first[s * pre:(s + 1) * pre].to("cpu", F64)
     for step in range(pre, max(len(s) for s in ids)):
         live = [s for s in range(len(ids)) if step < len(ids[s])]
-        out = m.engine_run([[ids[s][step]] for s in live], past=[step] * len(live), rows=[rows[s] for s in live],
-                           cache=cache)
+        out, c = m.engine_run_routed([[ids[s][step]] for s in live], past=[step] * len(live),
+                                     rows=[rows[s] for s in live], cache=cache)
+        calls += c
+        token_rows.append([starts[s] + step for s in live])
         for j, s in enumerate(live):
             got[starts[s] + step] = out[j].to("cpu", F64)
+    ref, bound, problem, flips = m.reference(ids, m.forcing(calls, token_rows, T))
+    if problem:
+        return _routing_outcome("incremental decode", problem)
     labels = [f"seq {s} pos {i} ({'prefill' if i < pre else 'decode'})" for s, seq in enumerate(ids)
               for i in range(len(seq))]
     return _rows_outcome("incremental decode vs full forward", got, ref, bound, labels)
@@ -159,19 +184,30 @@ def run_incremental(ctx: Ctx, p: dict) -> Outcome:
 def run_batch_vs_alone(ctx: Ctx, p: dict) -> Outcome:
     m = _Models(ctx, p["seed"])
     ids = _prompts(p, m.config.vocab_size)  # ids[0] is the sequence of interest
-    alone_ref = m.run(m.oracle, ids[:1])
-    bound = m.bound_rows(ids[:1], alone_ref)
     n = len(ids[0])
-    alone = m.engine_run(ids[:1]).to("cpu", F64)
+    alone, calls_a = m.engine_run_routed(ids[:1])
+    alone = alone.to("cpu", F64)
     order = [1, 0] + list(range(2, len(ids)))  # ids[0] second in the batch, in the last cache row
     batch_ids = [ids[i] for i in order]
     rows = list(range(len(ids)))[::-1]
-    both = m.engine_run(batch_ids, rows=rows).to("cpu", F64)
+    both, calls_b = m.engine_run_routed(batch_ids, rows=rows)
+    both = both.to("cpu", F64)
     start = len(ids[1])
     inside = both[start:start + n]
+    Tb = sum(len(s) for s in batch_ids)
+    f_alone = m.forcing(calls_a, [list(range(n))], n)
+    f_inside = m.forcing(calls_b, [[i - start if start <= i < start + n else -1 for i in range(Tb)]], n)
+    alone_ref, bound, problem, _ = m.reference(ids[:1], f_alone)
+    if problem:
+        return _routing_outcome("alone", problem)
+    inside_ref, bound_in, problem, _ = m.reference(ids[:1], f_inside)
+    if problem:
+        return _routing_outcome("inside a batch", problem)
     a = _rows_outcome("alone", alone, alone_ref, bound)
-    b = _rows_outcome("inside a batch", inside, alone_ref, bound)
-    c = _rows_outcome("batch vs alone", inside, alone, 2 * bound)
+    b = _rows_outcome("inside a batch", inside, inside_ref, bound_in)
+    same = f_alone is not None and f_inside is not None and all(torch.equal(x, y) for x, y in zip(f_alone, f_inside))
+    # The two runs against each other, when they routed alike (else each is checked against its own oracle).
+    c = _rows_outcome("batch vs alone", inside, alone, 2 * bound) if same else a
     for o in (a, b, c):
         if not o.passed:
             return o
@@ -182,12 +218,16 @@ def run_greedy(ctx: Ctx, p: dict) -> Outcome:
     m = _Models(ctx, p["seed"])
     prompt = _prompts(p, m.config.vocab_size)[0]
     n_new = p["new"]
-    gen = ctx.call("model", lambda: list(m.engine.generate(prompt, max_tokens=n_new)))
+    with tol.RoutingRecorder(ctx.engine) as rec:
+        gen = ctx.call("model", lambda: list(m.engine.generate(prompt, max_tokens=n_new)))
     if len(gen) != n_new or any(not (0 <= t < m.config.vocab_size) for t in gen):
         return Outcome("model", 0, 0, math.inf, message=f"greedy: generated {gen}, expected {n_new} valid ids")
     seq = [prompt + gen]
-    ref = m.run(m.oracle, seq)
-    bound = m.bound_rows(seq, ref)
+    P = len(prompt)
+    token_rows = [list(range(P))] + [[P + j] for j in range(n_new - 1)]
+    ref, bound, problem, flips = m.reference(seq, m.forcing(rec.calls, token_rows, P + n_new))
+    if problem:
+        return _routing_outcome("greedy", problem)
     steps = ref[len(prompt) - 1:len(prompt) - 1 + n_new]  # logits that chose each generated token
     b = bound[len(prompt) - 1:len(prompt) - 1 + n_new]
     chosen = steps[torch.arange(n_new), torch.tensor(gen)]
@@ -232,7 +272,8 @@ def cases(dtype: str, profile: Profile) -> list[Case]:
                         max_examples=2))
 
     add("logits", run_logits, lambda pr: _d(lens=st.lists(st.integers(1, pr.model_tokens), min_size=1, max_size=3)),
-        [dict(lens=[n, n // 2 + 1, 1], rows=[2, 0, 1], seed=0)],
+        [dict(lens=[n, n // 2 + 1, 1], rows=[2, 0, 1], seed=0),
+         dict(lens=[n, 5], bias_scale=1.0, seed=5)],  # O(1) expert biases: a dropped bias is far off
         "prefill logits of a batch of sequences (window 8 crossed): max error and KL vs the oracle")
     add("incremental_decode", run_incremental,
         lambda pr: _d(lens=st.lists(st.integers(6, pr.model_tokens), min_size=2, max_size=2), prefill=st.just(3)),

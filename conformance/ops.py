@@ -249,8 +249,9 @@ def run_experts(ctx: Ctx, p: dict) -> Outcome:
     g = generator(p["seed"])
     T, D, I, E, k = p["T"], p["D"], p["I"], p["E"], p["k"]
     dense = p["format"] == "dense"
-    mlp1 = random_experts(g, E, 2 * I, D, p["w_scale"] / math.sqrt(D), dense)
-    mlp2 = random_experts(g, E, D, I, 1 / math.sqrt(I), dense)
+    bs = p.get("bias_scale", 0.1)
+    mlp1 = random_experts(g, E, 2 * I, D, p["w_scale"] / math.sqrt(D), dense, bias_scale=bs)
+    mlp2 = random_experts(g, E, D, I, 1 / math.sqrt(I), dense, bias_scale=bs)
     if p.get("nan_scales"):  # E8M0 0xFF: NaN blocks in one expert of each layer
         for lin in (mlp1, mlp2):
             e = int(torch.randint(E, (1,), generator=g))
@@ -271,8 +272,9 @@ def run_mxfp4_exact(ctx: Ctx, p: dict) -> Outcome:
     Tokens are one-hot (x = e_j): mlp1's output is column j of W1 (one non-zero product, exact).
     Gate rows hold 32 and ``swiglu_limit`` is 64, so σ(1.702·32) is 1 in every precision and
     SwiGLU = 32·(linear + 1), exact for the scales used. mlp2 is a 0/1 selection matrix (or, to test
-    mlp2, mlp1 makes SwiGLU one-hot: linear rows = identity, bias -1), so the result is 32 × one
-    dequantized value: any nibble-order, sign, or scale-bias error shows up as a difference.
+    mlp2, the gate rows select: gate_i = 32·x_i, linear rows 0, so SwiGLU is 32 · one-hot), so the result
+    is 32 × one dequantized value: any nibble-order, sign, or scale-bias error shows up as a difference.
+    All biases are zero, so a dropped bias cannot masquerade as a dequantization error.
     """
     g = generator(p["seed"])
     E, D, I = 2, 64, 32
@@ -294,10 +296,12 @@ def run_mxfp4_exact(ctx: Ctx, p: dict) -> Outcome:
         codes2[:, torch.arange(D), torch.arange(D) % I] = ones_code  # y_d = s_(d mod I)
         T = D
     else:
+        # The gate selects: gate_i = 32·x_i, so SwiGLU is 32·(0 + 1) at the token's channel and 0·σ(0)·1 = 0
+        # elsewhere; linear rows and every bias are 0 (a dropped bias changes nothing here).
+        codes1[:, 0::2] = 0
+        codes1[:, 2 * torch.arange(I), torch.arange(I)] = code_4
         codes1[:, 1::2] = 0
-        codes1[:, 2 * torch.arange(I) + 1, torch.arange(I)] = ones_code  # linear_i = x_i
         scales1[:, 1::2] = 127
-        bias1[:, 1::2] = -1.0  # linear + 1 = x_i: SwiGLU is 32 · one-hot
         codes2 = _fp4_codes(g, (E, D, I))
         scales2 = torch.randint(lo, hi + 1, (E, D, I // 32), generator=g, dtype=torch.uint8)
         T = I
@@ -310,7 +314,9 @@ def run_mxfp4_exact(ctx: Ctx, p: dict) -> Outcome:
     o = _run_experts(ctx, x, weights, idx, mlp1, mlp2, 1.702, 64.0, exact=True)
     if not o.passed:
         o.message = (f"MXFP4 dequantization of {p['target']} is not bit-exact: {o.where} is off by "
-                     f"{o.observed:.6g} (nibble order, sign, or E8M0 scale bias?)")
+                     f"{o.observed:.6g} (nibble order, sign, or E8M0 scale bias?). This exactness test also relies "
+                     "on SwiGLU (gate clamp, sigmoid, the +1 of linear + 1; biases are all zero here): if the "
+                     "experts/random cases fail too, look there first")
     return o
 
 
@@ -345,7 +351,9 @@ def cases(dtype: str, head_dims: tuple[int, ...], profile: Profile) -> list[Case
         add("rope", f"yarn_d{d}", run_rope,
             lambda pr, d=d: _d(T=st.integers(1, 64), Hq=st.sampled_from([2, 8]), Hkv=st.sampled_from([1, 2]), d=st.just(d),
                                max_pos=st.sampled_from([64, 4096, 131072])),
-            [dict(T=16, Hq=8, Hkv=2, d=d, max_pos=131072, seed=0)], requires=[f"head_dim:{d}"],
+            [dict(T=16, Hq=8, Hkv=2, d=d, max_pos=131072, seed=0),
+             dict(T=1, Hq=8, Hkv=2, d=d, max_pos=8192, seed=1)],  # one token: the decode path
+            requires=[f"head_dim:{d}"],
             description="YaRN frequencies and concentration, halves (not interleaved), positions up to 131072")
     add("linear", "random", run_linear,
         lambda pr: _d(T=st.integers(1, 16), K=st.sampled_from([64, 2880]), N=st.sampled_from([32, 128]),
@@ -400,14 +408,24 @@ def cases(dtype: str, head_dims: tuple[int, ...], profile: Profile) -> list[Case
                                window=st.integers(1, 6)),
             requires=["sliding_window"], description="windows of 1..6 tokens, including window 1 (self only)")
         L = profile.long_context
-        att("long_context", [dict(base, window=0, Hq=8, Hkv=1, seqs=[(L - 1, 1), (L - 33, 32)], seed=0),
-                             dict(base, window=W, Hq=8, Hkv=1, seqs=[(L - 1, 1)], seed=1)],
-            lambda pr, d=d: _d(d=st.just(d), Hq=st.just(8), Hkv=st.just(1),
+        att("long_context", [dict(base, window=0, Hq=8, Hkv=2, seqs=[(L - 1, 1), (L - 33, 32)], seed=0),
+                             dict(base, window=W, Hq=8, Hkv=2, seqs=[(L - 1, 1)], seed=1)],
+            lambda pr, d=d: _d(d=st.just(d), Hq=st.just(8), Hkv=st.sampled_from([1, 2]),
                                seqs=st.lists(st.tuples(st.integers(pr.long_context // 2, pr.long_context - 8),
                                                        st.integers(1, 8)), min_size=1, max_size=2),
                                q_scale=st.just(1.0), sink_scale=st.just(1.0), window=st.sampled_from([0, W])),
             requires=["sliding_window", f"context:{L}"],
             description=f"contexts of up to {L} keys, full and windowed")
+        # Long decode: one query row over thousands of keys (split-KV / long-context kernels), past gpt-oss's
+        # initial_context_length (4096), GQA with several KV heads. One query row keeps the oracle cheap.
+        LD = profile.long_decode
+        ld = []
+        for i, n in enumerate(LD):
+            ld.append(dict(base, window=W, Hq=8, Hkv=2, seqs=[(n - 1, 1), (n // 2, 1)], seed=10 + i))
+            ld.append(dict(base, window=0, Hq=64 if i == 0 else 8, Hkv=8 if i == 0 else 4, seqs=[(n - 1, 1)],
+                           seed=20 + i))
+        att("long_decode", ld, None, requires=["sliding_window", f"context:{max(LD)}"],
+            description=f"one new token over {', '.join(map(str, LD))} cached keys, windowed and full, GQA")
 
     add("router", "random", run_router,
         lambda pr: _d(T=st.integers(1, 32), D=st.sampled_from([64, 2880]), E=st.sampled_from([4, 32, 128]),
@@ -432,7 +450,7 @@ def cases(dtype: str, head_dims: tuple[int, ...], profile: Profile) -> list[Case
                                    E=st.sampled_from([4, 8, 32]), k=st.sampled_from([1, 2, 4]), format=st.just(fmt),
                                    w_scale=st.sampled_from([0.5, 1.0, 2.0]), x_scale=st.just(1.0),
                                    routing=st.just("random")).filter(lambda p: p["k"] <= p["E"]),
-            [ex, dict(ex, T=2, E=32, k=4, seed=1)], requires=fmt_req[fmt] + ("experts:32", "experts_per_token:4"),
+            [ex, dict(ex, T=2, E=32, k=4, seed=1), dict(ex, bias_scale=1.0, seed=2)], requires=fmt_req[fmt] + ("experts:32", "experts_per_token:4"),
             description="MoE layer; includes experts that receive no tokens (E > T·k)")
     add("experts", "swiglu_clamp", run_experts,
         lambda pr: _d(T=st.integers(1, 16), D=st.just(64), I=st.just(64), E=st.just(4), k=st.just(2),

@@ -202,7 +202,9 @@ def run_suite(backend: Backend | type[Backend], *, levels: Iterable[str] = DEFAU
     grid = build_grid(engine, levels=levels, dtypes=dtypes, profile=profile, check_registration=check_registration,
                       weights_path=weights_path)
     if case_filter:
-        grid = [c for c in grid if any(fnmatch.fnmatchcase(c.id, pat) or c.id == pat for pat in case_filter)]
+        # A pattern matches the id with or without its @dtype suffix ("L1/experts/random_mxfp4").
+        grid = [c for c in grid if any(fnmatch.fnmatchcase(c.id, pat) or fnmatch.fnmatchcase(c.id.split("@")[0], pat)
+                                       for pat in case_filter)]
     oracle = TorchBackend()
     results: list[CaseResult] = []
     for case in grid:

@@ -43,9 +43,23 @@ multiplied by ``SAFETY``):
 An absolute floor ``(K + 1) · tiny(dt)`` covers underflow to subnormals.
 
 Blocks and the model (levels 2, 3) compose many ops; instead of pushing formulas through the graph
-we *simulate* honest engines: :class:`NoisyOracle` is the float64 reference with every op's output
-perturbed by ± its own bound above (random signs and sizes in [½, 1] of the bound, plus the rounding
-of the residual stream, which the graph does in ``dt``). The bound of a block/model output row is
+we *simulate* honest engines: :class:`NoisyOracle` is the float64 reference with rounding errors injected
+where an engine makes them, each ± its per-element bound above divided by SAFETY (random signs, sizes in
+[½, 1]; the simulation propagates every perturbation through the real computation, so the first-order
+safety factor is not needed), plus the rounding of the residual stream. Attention and the experts are
+perturbed *inside* (scores, P, P·V; mlp1 output, SwiGLU output, mlp2 output, weighted sum), not by
+injecting their worst-case output bound: that bound sums |W|·|δ| over the reduction as if every error
+were aligned, which in bfloat16 made the composed bounds ~50x above honest errors (L2 moe bound 2.9 vs 0.05
+observed) and let dropped biases and decode-only RoPE bugs through.
+
+Routing is held fixed. An honest engine may resolve a near-tie of the router's top-k either way, and one
+flip moves a row by a whole expert's output, so (1) the engine's router choices are recorded and
+teacher-forced into the oracle (weights always the oracle's softmax of its own logits at those experts),
+(2) the simulated engines use those same experts and perturb only the router logits at them (the
+weights), and (3) the forced choices are checked to be a top-k honest rounding can produce: no
+unchosen expert's oracle logit may exceed a chosen one's by more than 2x the router-logit bound
+(SAFETY_COMPOSED x the largest logit deviation of the simulations). A larger gap is reported as routing
+divergence (the router, or an op before it, is wrong). The bound of a block/model output row is then
 ``SAFETY_COMPOSED`` × the largest deviation seen over ``NOISY_DRAWS`` simulated engines. Model-level
 thresholds derived from that logit bound B (per row) are in :func:`kl_bound`.
 
@@ -239,23 +253,77 @@ def compare(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> dict:
 
 # ---- simulated honest engines, for composed computations (levels 2, 3) --------------------------------
 
+def _routed_oracle_class():
+    from mxmoe.backends.reference import TorchBackend
+
+    class RoutedOracle(TorchBackend):
+        """The float64 reference whose router can be *teacher-forced*: ``forced`` holds one (T, k) int64
+        tensor per router call (in call order; rows of -1, or calls beyond the list, keep the oracle's own
+        top-k). Every router call's exact logits and chosen experts are recorded in ``calls``. The weights
+        are always the softmax of the oracle's own logits at the chosen experts (as level 1's router check)."""
+
+        name = "routed-oracle"
+
+        def __init__(self, forced: list | None = None):
+            self.forced = forced
+            self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def _choose(self, logits: torch.Tensor, top_k: int) -> torch.Tensor:
+            _, own = torch.sort(logits, dim=-1, descending=True, stable=True)
+            idx = own[:, :top_k]
+            i = len(self.calls)
+            if self.forced is not None and i < len(self.forced) and self.forced[i] is not None:
+                f = self.forced[i]
+                if f.shape == idx.shape:
+                    idx = torch.where((f >= 0).all(-1, keepdim=True), f.to(idx.device), idx)
+            return idx
+
+        def _logits(self, x, gate, exact):
+            return exact
+
+        def router(self, x, gate, top_k):
+            exact = TorchBackend.linear(self, x, gate)
+            logits = self._logits(x, gate, exact)
+            idx = self._choose(exact, top_k)
+            self.calls.append((logits, idx))
+            return self._weights(torch.softmax(torch.gather(logits, 1, idx), dim=-1)), idx
+
+        def _weights(self, w):
+            return w
+
+    return RoutedOracle
+
+
+def routed_oracle(forced: list | None = None):
+    """A float64 oracle with teacher-forced routing (see RoutedOracle)."""
+    return _routed_oracle_class()(forced)
+
+
 def _noisy_oracle_class():
     from mxmoe.backends.reference import TorchBackend
 
-    class NoisyOracle(TorchBackend):
+    RoutedOracle = _routed_oracle_class()
+
+    class NoisyOracle(RoutedOracle):
         """The float64 reference with each op's output moved by ± its own derived bound for ``dtype``.
 
         Not an engine anyone runs: a model of how far an honest ``dtype`` engine may drift, used to
-        derive block- and model-level bounds (see the module docstring).
+        derive block- and model-level bounds (see the module docstring). Routing is held fixed: the
+        experts are those of ``forced`` (the reference run's choices); only the router's logits at those
+        experts (hence the weights) are perturbed.
         """
 
         name = "noisy-oracle"
 
-        def __init__(self, dtype: torch.dtype, seed: int):
+        def __init__(self, dtype: torch.dtype, seed: int, forced: list | None = None):
+            super().__init__(forced)
             self.sim_dtype = dtype
             self.gen = torch.Generator().manual_seed(seed)
 
         def _noise(self, out: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+            # The per-op bounds carry SAFETY for the second-order terms a first-order analysis drops; the
+            # simulation propagates every perturbation through the real computation, so it uses bound/SAFETY.
+            bound = bound / SAFETY
             r = torch.rand(out.shape, generator=self.gen, dtype=F64) * 0.5 + 0.5
             sign = torch.randint(0, 2, out.shape, generator=self.gen).to(F64) * 2 - 1
             return out + (bound * r * sign).nan_to_num(0.0)
@@ -275,27 +343,192 @@ def _noisy_oracle_class():
                     self._noise(ko, rope_bound(k, positions, inv_freq, concentration, self.sim_dtype)))
 
         def attention(self, q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale):
+            # Rounding errors injected where an engine makes them (scores, P, the P·V sum, the output),
+            # each ± its own per-element bound, then propagated by the softmax itself.
             o = super().attention(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
-            return self._noise(o, attention_bound(q, k_cache, v_cache, sinks, batch, sliding_window, sm_scale, o,
-                                                  self.sim_dtype))
+            dt = self.sim_dtype
+            ud, ua = u(dt), u_acc(dt)
+            T, Hq, d = q.shape
+            Hkv = k_cache.shape[2]
+            out = torch.empty_like(o)
+            for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
+                                            batch.cache_rows.tolist(), batch.context_lens.tolist()):
+                qs = q[start:end]
+                ks = k_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)
+                vs = v_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)
+                scores = torch.einsum("nhd,lhd->hnl", qs, ks) * sm_scale
+                smag = torch.einsum("nhd,lhd->hnl", qs.abs(), ks.abs()) * sm_scale
+                q_pos = batch.positions[start:end].cpu()[:, None]
+                k_pos = torch.arange(ctx)[None, :]
+                allowed = k_pos <= q_pos
+                if sliding_window:
+                    allowed &= q_pos - k_pos < sliding_window
+                scores = self._noise(scores, SAFETY * ((ud + gamma(d, dt)) * smag + ua * scores.abs()))
+                scores = scores.masked_fill(~allowed, float("-inf"))
+                sk = sinks.to(F64)[:, None, None].expand(Hq, end - start, 1)
+                sk = self._noise(sk, SAFETY * ud * sk.abs())
+                p = torch.softmax(torch.cat((scores, sk), dim=-1), dim=-1)[..., :-1]
+                p = self._noise(p, SAFETY * ud * p)
+                acc = torch.einsum("hnl,lhd->hnd", p, vs)
+                pv = torch.einsum("hnl,lhd->hnd", p, vs.abs())
+                acc = self._noise(acc, SAFETY * (gamma(max(int(ctx), 1), dt) * pv + (ud + 8 * ua) * acc.abs()))
+                out[start:end] = acc.permute(1, 0, 2) + floor(dt, ctx + d)
+            return out
 
-        def router(self, x, gate, top_k):
-            logits = TorchBackend.linear(self, x, gate)
-            logits = self._noise(logits, linear_bound(x, gate.weight, gate.bias, logits, self.sim_dtype))
-            values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
-            w = torch.softmax(values[:, :top_k], dim=-1)
-            return self._noise(w, SAFETY * 2 * u(self.sim_dtype) * w), indices[:, :top_k]
+        def _logits(self, x, gate, logits):
+            return self._noise(logits, linear_bound(x, gate.weight, gate.bias, logits, self.sim_dtype))
+
+        def _weights(self, w):
+            return self._noise(w, SAFETY * 2 * u(self.sim_dtype) * w)
 
         def experts(self, x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit):
-            y = super().experts(x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit)
-            b = experts_bound(x, expert_weights, expert_indices, experts.mlp1.dense(F64), experts.mlp1.bias.to(F64),
-                              experts.mlp2.dense(F64), experts.mlp2.bias.to(F64), swiglu_alpha, swiglu_limit, y,
-                              self.sim_dtype)
-            return self._noise(y, b)
+            # Each chosen expert's mlp1 output, SwiGLU output, mlp2 output and the weighted sum, each moved by
+            # ± its per-element bound (experts_bound's terms) and propagated through the real computation.
+            dt = self.sim_dtype
+            ud, ua = u(dt), u_acc(dt)
+            w1, b1 = experts.mlp1.dense(F64), experts.mlp1.bias.to(F64)
+            w2, b2 = experts.mlp2.dense(F64), experts.mlp2.bias.to(F64)
+            T, D = x.shape
+            I = w2.shape[2]
+            out = torch.zeros(T, D, dtype=F64)
+            mag = torch.zeros(T, D, dtype=F64)
+            idx = expert_indices.cpu()
+            for e in torch.unique(idx).tolist():
+                token, slot = torch.nonzero(idx == e, as_tuple=True)
+                xe = x[token]
+                W1, B1, W2, B2 = w1[e], b1[e], w2[e], b2[e]
+                h = xe @ W1.T + B1
+                h = self._noise(h, SAFETY * (2 * ud * (h.abs() + B1.abs()) + gamma(D, dt) * (
+                    xe.abs() @ W1.abs().T + B1.abs())))
+                s = swiglu_parts(h, swiglu_alpha, swiglu_limit)[0]
+                s = self._noise(s, SAFETY * (2 * ud + 4 * ua) * s.abs())
+                y = s @ W2.T + B2
+                y = self._noise(y, SAFETY * (2 * ud * (y.abs() + B2.abs()) + gamma(I, dt) * (
+                    s.abs() @ W2.abs().T + B2.abs())))
+                wy = expert_weights[token, slot, None].to(F64) * y
+                out.index_add_(0, token, wy)
+                mag.index_add_(0, token, wy.abs())
+            k = expert_indices.shape[1]
+            return self._noise(out, SAFETY * ((k + 1) * ud * mag + ud * out.abs())) + floor(dt, D + I)
 
     return NoisyOracle
 
 
-def noisy_oracle(dtype: torch.dtype, seed: int):
-    """A :class:`NoisyOracle` simulating an honest engine in ``dtype`` (float64, CPU)."""
-    return _noisy_oracle_class()(dtype, seed)
+def noisy_oracle(dtype: torch.dtype, seed: int, forced: list | None = None):
+    """A :class:`NoisyOracle` simulating an honest engine in ``dtype`` (float64, CPU), routing as ``forced``."""
+    return _noisy_oracle_class()(dtype, seed, forced)
+
+
+class RoutingRecorder:
+    """Records the experts an engine's ``router`` picks, call by call (a context manager that wraps the
+    engine instance's ``router``; the engine is otherwise untouched)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.calls: list[torch.Tensor] = []
+
+    def __enter__(self):
+        had = "router" in vars(self.engine)
+        self._saved = vars(self.engine).get("router") if had else None
+        inner = self.engine.router
+
+        def router(x, gate, top_k):
+            res = inner(x, gate, top_k)
+            try:
+                self.calls.append(res[1].detach().to("cpu", torch.int64))
+            except Exception:  # noqa: BLE001 — malformed output: the comparison reports it
+                self.calls.append(None)
+            return res
+
+        self.engine.router = router
+        return self
+
+    def __exit__(self, *exc):
+        if self._saved is not None:
+            self.engine.router = self._saved
+        else:
+            del self.engine.router
+        return False
+
+
+def assemble_routing(calls: list, layers: int, token_rows: list[list[int]], rows: int, k: int) -> list | None:
+    """Engine router calls (``layers`` per forward, forwards in order) → one (rows, k) forcing tensor per
+    layer of an oracle forward over ``rows`` tokens; ``token_rows[f]`` maps forward ``f``'s tokens to
+    oracle rows (-1: no counterpart). Rows the engine never routed stay -1 (the oracle's own choice).
+    None when the calls do not fit (the comparison then runs unforced)."""
+    if len(calls) != layers * len(token_rows):
+        return None
+    out = [torch.full((rows, k), -1, dtype=torch.int64) for _ in range(layers)]
+    for c, idx in enumerate(calls):
+        f, layer = divmod(c, layers)
+        m = torch.tensor(token_rows[f], dtype=torch.int64)
+        if idx is None or idx.shape != (len(m), k):
+            return None
+        keep = m >= 0
+        out[layer][m[keep]] = idx[keep]
+    return out
+
+
+def valid_routing(forced: list | None, num_experts: int) -> list | None:
+    """Drop forcing rows that are not k distinct experts in range (the comparison will show them)."""
+    if forced is None:
+        return None
+    out = []
+    for f in forced:
+        if f is None:
+            out.append(None)
+            continue
+        ok = (f >= 0).all(-1) & (f < num_experts).all(-1)
+        s = f.sort(-1).values
+        ok &= (s[:, 1:] != s[:, :-1]).all(-1) if f.shape[1] > 1 else torch.ones_like(ok)
+        out.append(torch.where(ok[:, None], f, torch.full_like(f, -1)))
+    return out
+
+
+def composed_bound(run, ref_oracle, dtype: torch.dtype, seed: int, floor_k: int):
+    """Simulate NOISY_DRAWS honest ``dtype`` engines with routing held at ``ref_oracle``'s choices.
+
+    ``run(backend) -> (R, N)`` output rows. Returns (bound per row (R,), router-logit bound per router call
+    (T,) each): SAFETY_COMPOSED × the largest deviation from the reference run seen over the draws.
+    """
+    ref = run(ref_oracle)
+    forced = [idx for _, idx in ref_oracle.calls]
+    dev = torch.zeros(ref.shape[0], dtype=F64)
+    rdev = [torch.zeros(lg.shape[0], dtype=F64) for lg, _ in ref_oracle.calls]
+    for i in range(NOISY_DRAWS):
+        n = noisy_oracle(dtype, seed * 1000 + i, forced)
+        out = run(n)
+        dev = torch.maximum(dev, (out - ref).abs().amax(dim=-1))
+        for j, ((lg, _), (lr, _)) in enumerate(zip(n.calls, ref_oracle.calls)):
+            rdev[j] = torch.maximum(rdev[j], (lg - lr).abs().amax(dim=-1))
+    bound = SAFETY_COMPOSED * dev + floor(dtype, floor_k)
+    rbound = [SAFETY_COMPOSED * r + floor(dtype, floor_k) for r in rdev]
+    return ref, bound, rbound
+
+
+def routing_check(ref_oracle, rbound: list[torch.Tensor], labels=None) -> tuple[str, int]:
+    """The experts the oracle was forced to use (the engine's) must be a top-k that honest rounding can
+    produce: no unchosen expert's oracle logit may beat a chosen one's by more than 2× the router-logit
+    bound (each logit may move by the bound). Returns (problem or "", rows where the engine's choice
+    differs from the oracle's own top-k, i.e. near-ties resolved the other way)."""
+    flips = 0
+    for j, ((lg, idx), b) in enumerate(zip(ref_oracle.calls, rbound)):
+        k = idx.shape[1]
+        own = torch.sort(lg, dim=-1, descending=True, stable=True).indices[:, :k]
+        differs = (own.sort(-1).values != idx.sort(-1).values).any(-1)
+        flips += int(differs.sum())
+        chosen = torch.zeros_like(lg, dtype=torch.bool).scatter_(1, idx, True)
+        if bool(chosen.all()):
+            continue
+        worst_chosen = lg.masked_fill(~chosen, math.inf).min(-1).values
+        best_other = lg.masked_fill(chosen, -math.inf).max(-1).values
+        gap = best_other - worst_chosen
+        bad = gap > 2 * b
+        if bad.any():
+            t = int((gap / (2 * b)).argmax())
+            where = labels[t] if labels else f"token {t}"
+            return (f"routing diverged at layer {j}, {where}: the engine chose experts {idx[t].tolist()} but an "
+                    f"unchosen expert's oracle logit is {float(gap[t]):.3g} above a chosen one, beyond 2x the "
+                    f"router-logit bound {float(2 * b[t]):.3g} (the router, or an op before it, is wrong; run levels "
+                    "L1/L2 to find the op)", flips)
+    return "", flips

@@ -251,6 +251,86 @@ class UnclaimedReturnsNumbers(_Bad):
         return super().router(x, gate, top_k)
 
 
+# ---- found by review: subtler bugs ------------------------------------------------------------------
+
+def _attend(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale, kv_of_head=None, use_window=None):
+    """Plain attention (writes the cache, one sequence at a time) with two hooks for bugs: which KV head a
+    query head reads, and whether the window applies for a sequence of ``ctx`` keys."""
+    T, Hq, d = q.shape
+    Hkv = k.shape[1]
+    k_cache.view(-1, Hkv, d)[batch.slot_mapping] = k.to(k_cache.dtype)
+    v_cache.view(-1, Hkv, d)[batch.slot_mapping] = v.to(v_cache.dtype)
+    ct = torch.promote_types(q.dtype, torch.float32)
+    heads = torch.tensor([kv_of_head(h, Hq, Hkv) if kv_of_head else h // (Hq // Hkv) for h in range(Hq)])
+    out = torch.empty_like(q)
+    for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
+                                    batch.cache_rows.tolist(), batch.context_lens.tolist()):
+        ks = k_cache[row, :ctx].to(ct)[:, heads]
+        vs = v_cache[row, :ctx].to(ct)[:, heads]
+        s = torch.einsum("nhd,lhd->hnl", q[start:end].to(ct), ks) * sm_scale
+        qp = batch.positions[start:end][:, None]
+        kp = torch.arange(ctx, device=q.device)[None, :]
+        mask = kp <= qp
+        if sliding_window and (use_window is None or use_window(ctx)):
+            mask = mask & (qp - kp < sliding_window)
+        s = torch.cat((s.masked_fill(~mask, float("-inf")), sinks.to(ct)[:, None, None].expand(Hq, end - start, 1)), -1)
+        p = torch.softmax(s, dim=-1)[..., :-1]
+        out[start:end] = torch.einsum("hnl,lhd->nhd", p, vs).to(q.dtype)
+    return out
+
+
+class GqaModulo(_Bad):
+    """GQA head mapping h % Hkv instead of h // (Hq / Hkv) (right only when Hkv is 1 or Hq)."""
+
+    name = "bad-gqa-modulo"
+    BROKEN_OP = "attention"
+
+    def attention(self, *a):
+        return _attend(*a, kv_of_head=lambda h, Hq, Hkv: h % Hkv)
+
+
+class WindowDroppedSplitKV(_Bad):
+    """A 'split-KV' long-decode path (KV length > 1100) that forgets the sliding window."""
+
+    name = "bad-window-split-kv"
+    BROKEN_OP = "attention"
+
+    def attention(self, *a):
+        return _attend(*a, use_window=lambda ctx: ctx <= 1100)
+
+
+class RopeDecodeOffByOne(_Bad):
+    """The single-token (decode) RoPE path uses position + 1."""
+
+    name = "bad-rope-decode-off-by-one"
+    BROKEN_OP = "rope"
+
+    def rope(self, q, k, positions, inv_freq, concentration):
+        return super().rope(q, k, positions + 1 if positions.numel() == 1 else positions, inv_freq, concentration)
+
+
+class _ExpertBiasDropped(_Bad):
+    BROKEN_OP = "experts"
+    LAYER = ""
+
+    def prepare_experts(self, mlp1, mlp2, dtype, device):
+        def zero(e: ExpertLinear) -> ExpertLinear:
+            return ExpertLinear(bias=torch.zeros_like(e.bias), blocks=e.blocks, scales=e.scales, weight=e.weight)
+        return super().prepare_experts(zero(mlp1) if self.LAYER == "mlp1" else mlp1,
+                                       zero(mlp2) if self.LAYER == "mlp2" else mlp2, dtype, device)
+
+
+class ExpertsNoMlp1Bias(_ExpertBiasDropped):
+    name = "bad-experts-no-mlp1-bias"
+    LAYER = "mlp1"
+
+
+class ExpertsNoMlp2Bias(_ExpertBiasDropped):
+    name = "bad-experts-no-mlp2-bias"
+    LAYER = "mlp2"
+
+
 BAD_ENGINES = [SinksIgnored, WindowOffByOne, WindowIgnored, SlotMappingIgnored, RopeInterleaved, RopeNoConcentration,
                RouterSoftmaxThenTopk, RouterTiesHigh, SwigluNoClamp, SwigluNoPlusOne, SwigluHalves, Mxfp4NibbleSwap,
-               Mxfp4ScaleBias, AccumulateBf16, WrongOutputDtype, UnclaimedReturnsNumbers]
+               Mxfp4ScaleBias, AccumulateBf16, WrongOutputDtype, UnclaimedReturnsNumbers, GqaModulo,
+               WindowDroppedSplitKV, RopeDecodeOffByOne, ExpertsNoMlp1Bias, ExpertsNoMlp2Bias]
