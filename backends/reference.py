@@ -39,6 +39,16 @@ class TorchBackend(Backend):
             return Probe(False, "no CUDA device (torch.cuda.is_available() is False)")
         return Probe(True)
 
+    # The bodies of the loops over sequences and experts (module functions below), as attributes so an
+    # engine built on this one (the ``compile`` plugin) can substitute its own versions of the math.
+    @staticmethod
+    def attention_one_sequence(*args):
+        return attention_one_sequence(*args)
+
+    @staticmethod
+    def expert_mlp(*args):
+        return expert_mlp(*args)
+
     # ---- weights -----------------------------------------------------------------------------------
     def prepare_linear(self, weight, bias, dtype, device):
         self.check(device=device, dtype=dtype)
@@ -88,9 +98,9 @@ class TorchBackend(Backend):
         # One sequence at a time (attention_one_sequence, below, holds the math).
         for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
                                         batch.cache_rows.tolist(), batch.context_lens.tolist()):
-            o = attention_one_sequence(q[start:end].to(compute), k_cache[row, :ctx].to(compute),
-                                       v_cache[row, :ctx].to(compute), sinks, batch.positions[start:end],
-                                       sliding_window, sm_scale)
+            o = self.attention_one_sequence(q[start:end].to(compute), k_cache[row, :ctx].to(compute),
+                                            v_cache[row, :ctx].to(compute), sinks, batch.positions[start:end],
+                                            sliding_window, sm_scale)
             out[start:end] = o.to(q.dtype)
         return out
 
@@ -110,9 +120,9 @@ class TorchBackend(Backend):
         # (expert_mlp, below, holds the math).
         for e in torch.unique(expert_indices).tolist():
             token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
-            y = expert_mlp(xc[token], experts.mlp1.expert_weight(e, experts.dtype), experts.mlp1.bias[e],
-                           experts.mlp2.expert_weight(e, experts.dtype), experts.mlp2.bias[e],
-                           swiglu_alpha, swiglu_limit)  # (n, D)
+            y = self.expert_mlp(xc[token], experts.mlp1.expert_weight(e, experts.dtype), experts.mlp1.bias[e],
+                                experts.mlp2.expert_weight(e, experts.dtype), experts.mlp2.bias[e],
+                                swiglu_alpha, swiglu_limit)  # (n, D)
             out.index_add_(0, token, (y * expert_weights[token, slot, None]).to(out.dtype))
         return out.to(x.dtype)
 

@@ -20,7 +20,6 @@ import torch
 
 from mxmoe.backends.reference import TorchBackend, attention_one_sequence, expert_mlp
 from mxmoe.core.backend import Probe
-from mxmoe.core.batch import Batch
 
 ENV_COMPILER = "MXMOE_COMPILE_BACKEND"  # the torch.compile backend; default "inductor"
 
@@ -94,6 +93,15 @@ class CompileBackend(TorchBackend):
             return Probe(False, "inductor needs triton on CUDA and it is not installed")
         return Probe(True, f"torch.compile with inductor on {kind}")
 
+    # Attention and the experts: the reference's loops, with each iteration's body compiled.
+    @staticmethod
+    def attention_one_sequence(*args):
+        return _sequence_attention(*args)
+
+    @staticmethod
+    def expert_mlp(*args):
+        return _expert_mlp(*args)
+
     # ---- ops (weights are prepared exactly as the reference does) ---------------------------------
     def embedding(self, token_ids, weight):
         return _embedding(token_ids, weight)
@@ -109,29 +117,3 @@ class CompileBackend(TorchBackend):
 
     def router(self, x, gate, top_k):
         return _router(x, gate, top_k)
-
-    def attention(self, q, k, v, sinks, k_cache, v_cache, batch: Batch, sliding_window, sm_scale):
-        Hkv, d = k.shape[1], k.shape[2]
-        k_cache.view(-1, Hkv, d)[batch.slot_mapping] = k.to(k_cache.dtype)
-        v_cache.view(-1, Hkv, d)[batch.slot_mapping] = v.to(v_cache.dtype)
-        compute = torch.promote_types(q.dtype, torch.float32)
-        out = torch.empty_like(q)
-        for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
-                                        batch.cache_rows.tolist(), batch.context_lens.tolist()):
-            o = _sequence_attention(q[start:end].to(compute), k_cache[row, :ctx].to(compute),
-                                    v_cache[row, :ctx].to(compute), sinks, batch.positions[start:end],
-                                    sliding_window, sm_scale)
-            out[start:end] = o.to(q.dtype)
-        return out
-
-    def experts(self, x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit):
-        T, D = x.shape
-        out = torch.zeros(T, D, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        xc = x.to(experts.dtype)
-        for e in torch.unique(expert_indices).tolist():
-            token, slot = torch.nonzero(expert_indices == e, as_tuple=True)
-            y = _expert_mlp(xc[token], experts.mlp1.expert_weight(e, experts.dtype), experts.mlp1.bias[e],
-                            experts.mlp2.expert_weight(e, experts.dtype), experts.mlp2.bias[e],
-                            swiglu_alpha, swiglu_limit)  # (n, D)
-            out.index_add_(0, token, (y * expert_weights[token, slot, None]).to(out.dtype))
-        return out.to(x.dtype)
