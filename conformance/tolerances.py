@@ -130,14 +130,12 @@ def rope_bound(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     return torch.cat((half, half), dim=-1)
 
 
-def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
-                    batch, sliding_window: int, sm_scale: float, out: torch.Tensor,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """q (T, Hq, d), caches (rows, cache_len, Hkv, d) after the write, out (T, Hq, d): all float64."""
-    T, Hq, d = q.shape
-    Hkv = k_cache.shape[2]
-    ud, ua = u(dtype), u_acc(dtype)
-    bound = torch.empty_like(out)
+def _sequences(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, sliding_window: int,
+               sm_scale: float):
+    """Per sequence of the batch: (start, end, ctx, values (L, Hq, d), unmasked scores (Hq, n, L), their
+    magnitude Σ|q||k|·scale, the causal/window mask (n, L)) — what attention_bound and the simulated
+    honest attention both start from."""
+    Hq, Hkv = q.shape[1], k_cache.shape[2]
     for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
                                     batch.cache_rows.tolist(), batch.context_lens.tolist()):
         qs = q[start:end]  # (n, Hq, d)
@@ -150,6 +148,18 @@ def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         allowed = k_pos <= q_pos
         if sliding_window:
             allowed &= q_pos - k_pos < sliding_window
+        yield start, end, ctx, vs, scores, smag, allowed
+
+
+def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+                    batch, sliding_window: int, sm_scale: float, out: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """q (T, Hq, d), caches (rows, cache_len, Hkv, d) after the write, out (T, Hq, d): all float64."""
+    T, Hq, d = q.shape
+    ud, ua = u(dtype), u_acc(dtype)
+    bound = torch.empty_like(out)
+    for start, end, ctx, vs, scores, smag, allowed in _sequences(q, k_cache, v_cache, batch, sliding_window,
+                                                                 sm_scale):
         scores = scores.masked_fill(~allowed, float("-inf"))
         sink = sinks.to(F64)[:, None, None].expand(Hq, end - start, 1)
         p_all = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)
@@ -349,20 +359,9 @@ def _noisy_oracle_class():
             dt = self.sim_dtype
             ud, ua = u(dt), u_acc(dt)
             T, Hq, d = q.shape
-            Hkv = k_cache.shape[2]
             out = torch.empty_like(o)
-            for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
-                                            batch.cache_rows.tolist(), batch.context_lens.tolist()):
-                qs = q[start:end]
-                ks = k_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)
-                vs = v_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)
-                scores = torch.einsum("nhd,lhd->hnl", qs, ks) * sm_scale
-                smag = torch.einsum("nhd,lhd->hnl", qs.abs(), ks.abs()) * sm_scale
-                q_pos = batch.positions[start:end].cpu()[:, None]
-                k_pos = torch.arange(ctx)[None, :]
-                allowed = k_pos <= q_pos
-                if sliding_window:
-                    allowed &= q_pos - k_pos < sliding_window
+            for start, end, ctx, vs, scores, smag, allowed in _sequences(q, k_cache, v_cache, batch,
+                                                                         sliding_window, sm_scale):
                 scores = self._noise(scores, SAFETY * ((ud + gamma(d, dt)) * smag + ua * scores.abs()))
                 scores = scores.masked_fill(~allowed, float("-inf"))
                 sk = sinks.to(F64)[:, None, None].expand(Hq, end - start, 1)
