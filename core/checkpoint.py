@@ -21,13 +21,17 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,9 @@ INDEX_FILE = "model.safetensors.index.json"
 ORIGINAL_FILE = "model.safetensors"
 DEFAULT_MAX_SHARD_BYTES = 2 * 2**30  # HF writes ~4.6 GB shards; smaller keeps the streaming writer's memory low
 DENSE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+PROGRESS_MIN_BYTES = 2**30  # progress=None shows a bar for checkpoints larger than this, on a terminal
+
+log = logging.getLogger("mxmoe.checkpoint")
 
 # ---- name maps: the only place where checkpoint tensor names appear ------------------------------
 # Shapes are written with the letters of weights.py's legend; _DIM_NAMES says which config keys they
@@ -554,6 +561,51 @@ def _config_json(config: ModelConfig, layout: str) -> dict[str, Any]:
     return config.to_hf_dict(quantized=layout == "hf")
 
 
+# A writer's temporary folder is named after what it writes and who writes it, ``.OUT.tmp-PID@HOST-XXXXXXXX``
+# (beside a new OUT; ``.checkpoint.tmp-…`` inside an existing empty one), so that the next writer to the
+# same place can tell a folder left by a killed writer (removed) from one that is still being written.
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64] or "localhost"
+_IN_PLACE_NAME = "checkpoint"
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}@{_HOST}-"
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _clear_stale(folder: Path, name: str, target: Path | str) -> None:
+    """Deal with the temporary folders ``.{name}.tmp-*`` in ``folder`` that earlier writers of ``target``
+    left: remove those whose writer no longer runs (killed, so it could not clean up), refuse when one
+    still runs, and warn about those whose writer cannot be told (another host, an older mxmoe)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.tmp-(?:(\d+)@([A-Za-z0-9._-]+)-)?[A-Za-z0-9_]+")
+    for p in sorted(folder.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
+            continue
+        pid, host = m.group(1), m.group(2)
+        if pid is None or host != _HOST or os.name != "posix":
+            where = f"pid {pid} on {host}" if pid else "an older mxmoe"
+            log.warning(f"{p}: a temporary folder left by a writer of {target} ({where}); cannot tell whether it "
+                        "still runs, so it is left alone: remove it once no writer of that checkpoint runs")
+        elif _process_runs(int(pid)):
+            raise CheckpointError(f"{target}: another writer (pid {pid}) is writing it now, into {p}; wait for it "
+                                  "to finish, or remove that folder if no such writer runs")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done = "could not remove" if p.exists() else "removed"
+            log.warning(f"{p}: {done} the temporary folder of an earlier writer of {target} (pid {pid}, no longer "
+                        "running: it was killed before it could clean up)")
+
+
 @contextlib.contextmanager
 def _atomic_dir(path: Path) -> Iterator[Path]:
     """A temporary directory whose files become ``path``'s on success; removed on failure.
@@ -562,18 +614,33 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     checkpoint appears complete or not at all. An existing empty ``path`` (the current folder, say) is
     kept, since renaming over it would leave whoever sits in it in a deleted folder: the temporary
     directory is made inside it and its files moved out at the end, config.json last (without it the
-    folder is no checkpoint)."""
+    folder is no checkpoint). Temporary folders of earlier writers killed while writing to the same
+    place are removed first (see :func:`_clear_stale`)."""
     given = path
     path = Path(path).resolve()  # "." (or "x/..") has no name and no usable parent until resolved
     existing = path.exists()
-    if existing and (not path.is_dir() or any(path.iterdir())):
+    if existing and not path.is_dir():
         raise CheckpointError(f"{given}: expected a new or empty directory to write the checkpoint into, "
-                              "found an existing non-empty one" if path.is_dir() else "found a file")
-    if existing:
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.tmp-", dir=path))
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+                              f"found a file ({path})")
+    try:
+        if existing:
+            _clear_stale(path, _IN_PLACE_NAME, given)
+            entries = sorted(p.name for p in path.iterdir())
+            if entries:
+                shown = ", ".join(entries[:5]) + (f", … ({len(entries)} entries)" if len(entries) > 5 else "")
+                raise CheckpointError(f"{given}: expected a new or empty directory to write the checkpoint into, "
+                                      f"found an existing non-empty one (holding {shown})")
+            tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(_IN_PLACE_NAME), dir=path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _clear_stale(path.parent, path.name, given)
+            tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path.name), dir=path.parent))
+    except (FileExistsError, NotADirectoryError) as e:  # a file where a parent folder should be
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), e.filename)
+        raise CheckpointError(f"{given}: cannot create the checkpoint directory there: {blocker} is a file, "
+                              "not a directory") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{given}: cannot create the checkpoint directory there ({e})") from None
     moved: list[Path] = []
     try:
         yield tmp
@@ -597,8 +664,10 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
-def _write_groups(path: Path, groups: Iterator[dict[str, torch.Tensor]], max_shard_bytes: int) -> None:
-    """Write HF shards from a stream of groups of layout tensors, flushing a shard when it would overflow."""
+def _write_groups(path: Path, groups: Iterator[dict[str, torch.Tensor]], max_shard_bytes: int,
+                  on_bytes: Callable[[int], None] = lambda n: None) -> None:
+    """Write HF shards from a stream of groups of layout tensors, flushing a shard when it would overflow;
+    ``on_bytes(n)`` is told of each tensor's bytes once it is made."""
     shards: list[list[str]] = []
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
@@ -617,6 +686,7 @@ def _write_groups(path: Path, groups: Iterator[dict[str, torch.Tensor]], max_sha
                 flush()
             pending[name] = t.contiguous()
             pending_bytes += nbytes
+            on_bytes(nbytes)
         del group
     flush()
     n = len(shards)
@@ -700,13 +770,41 @@ def write_checkpoint(path: str | Path, config: ModelConfig, weights: ModelWeight
             _write_groups(tmp, groups, max_shard_bytes)
 
 
+@contextlib.contextmanager
+def _byte_bar(enabled: bool | None, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """``update(n)`` of a tqdm bar over ``total`` bytes on stderr when ``enabled`` (None: on a terminal,
+    for more than PROGRESS_MIN_BYTES); a no-op otherwise, so that logs and pipes stay quiet."""
+    if enabled is None:
+        enabled = total > PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if not enabled:
+        yield lambda n: None
+        return
+    from tqdm import tqdm
+
+    try:  # a terminal that reports no size (a bare pty) would get no bar at all from tqdm
+        columns, lines = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        columns, lines = 0, 0
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              ncols=min(columns or 80, 120), nrows=lines or 24) as bar:
+        yield bar.update
+
+
+def _layout_bytes(config: ModelConfig, layout: str) -> int:
+    """Bytes of the tensors of a random ``layout`` checkpoint (bf16 dense, u8 MXFP4)."""
+    return sum(math.prod(e.shape) * (1 if e.kind == "u8" else 2) for e in expected_tensors(config, layout).values())
+
+
 def write_random_checkpoint(path: str | Path, config: ModelConfig, layout: str, seed: int = 0,
-                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool | None = None) -> None:
     """Write ``random_weights(config, seed)`` as a ``layout`` checkpoint without holding the model:
-    "original" streams one chunk at a time into its single file; HF layouts hold one shard at most."""
+    "original" streams one chunk at a time into its single file; HF layouts hold one shard at most.
+    ``progress``: a bar over the bytes on stderr (True), none (False), or None: one for checkpoints over
+    1 GiB when stderr is a terminal (gpt-oss-20b's shapes take minutes)."""
     if layout not in LAYOUTS:
         raise CheckpointError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    with _atomic_dir(Path(path)) as tmp:
+    total = _layout_bytes(config, layout)
+    with _atomic_dir(Path(path)) as tmp, _byte_bar(progress, total, f"writing {Path(path).name or path}") as bar:
         (tmp / "config.json").write_text(json.dumps(_config_json(config, layout), indent=2) + "\n")
         if layout == "original":
             dims = _dims(config)
@@ -715,10 +813,10 @@ def write_random_checkpoint(path: str | Path, config: ModelConfig, layout: str, 
             entries = [(name, torch.uint8 if spec.kind == "u8" else torch.bfloat16, shape)
                        for name, (spec, shape) in specs.items()]
             write_streaming(tmp / ORIGINAL_FILE, entries,
-                            lambda name: _random_chunks(specs[name][0], name, specs[name][1], seed))
+                            lambda name: _random_chunks(specs[name][0], name, specs[name][1], seed), on_bytes=bar)
         else:
             groups = (_to_layout(config, layout, g, _random_group(config, seed, g)) for g in _groups(config))
-            _write_groups(tmp, groups, max_shard_bytes)
+            _write_groups(tmp, groups, max_shard_bytes, bar)
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -736,18 +834,65 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _cmd_random(args: argparse.Namespace) -> int:
+class _Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised where the writer is so that its temporary folder is cleaned up as after
+    Ctrl-C (a BaseException: no ``except Exception`` on the way swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While writing: a termination signal raises :class:`_Terminated` instead of killing the process
+    outright, which would leave a temporary folder of gigabytes behind."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)  # a second one must not cut the clean-up short
+        raise _Terminated(signum)
+
+    signums = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
-        overrides = _parse_set(args.set or [])
-        if args.config:
-            base = load_config(args.config).model_dump()
-            config = ModelConfig.from_dict({**base, **overrides}, f"{args.config} with --set overrides")
-        else:
-            config = preset(args.preset, **overrides)
-        write_random_checkpoint(args.out, config, args.format, args.seed, int(args.max_shard_mb * 2**20))
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _cmd_random(args: argparse.Namespace) -> int:
+    name = "mxmoe checkpoint random"
+    notes = logging.StreamHandler(sys.stderr)  # stale temporary folders removed or found: say so, prefixed
+    notes.setFormatter(logging.Formatter(f"{name}: %(message)s"))
+    log.addHandler(notes)
+    propagate, log.propagate = log.propagate, False
+    try:
+        with _signals_raise():
+            overrides = _parse_set(args.set or [])
+            if args.config:
+                base = load_config(args.config).model_dump()
+                config = ModelConfig.from_dict({**base, **overrides}, f"{args.config} with --set overrides")
+            else:
+                config = preset(args.preset, **overrides)
+            write_random_checkpoint(args.out, config, args.format, args.seed, int(args.max_shard_mb * 2**20),
+                                    progress=sys.stderr.isatty())
     except (CheckpointError, ConfigError) as e:
-        print(f"mxmoe checkpoint random: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions, …: the partial checkpoint is already removed
+        print(f"{name}: cannot write {args.out}: {e}", file=sys.stderr)
+        return 2
+    except _Terminated as e:
+        print(f"{name}: stopped by {signal.Signals(e.signum).name}; the partial checkpoint was removed",
+              file=sys.stderr)
+        return 128 + e.signum
+    finally:
+        log.removeHandler(notes)
+        log.propagate = propagate
     print(f"wrote {args.format} checkpoint to {args.out}")
     return 0
 

@@ -171,11 +171,13 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 def write_streaming(path: str | Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-                    produce: Callable[[str], Iterator[torch.Tensor]]) -> None:
+                    produce: Callable[[str], Iterator[torch.Tensor]],
+                    on_bytes: Callable[[int], None] | None = None) -> None:
     """Write a safetensors file whose tensors are produced chunk by chunk, in the order of ``entries``.
 
     ``produce(name)`` yields contiguous chunks (split along dim 0) whose bytes, concatenated, are the
     tensor; only one chunk is held at a time. The header is written first, from the declared shapes.
+    ``on_bytes(n)`` (progress) is told of each chunk's bytes once written.
     """
     entries = list(entries)
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -200,6 +202,8 @@ def write_streaming(path: str | Path, entries: Iterable[tuple[str, torch.dtype, 
                 data = chunk.contiguous().view(torch.uint8).numpy()
                 f.write(memoryview(data))
                 written += data.nbytes
+                if on_bytes is not None:
+                    on_bytes(data.nbytes)
             if written != expected:
                 raise ValueError(f"{path}: tensor {name!r}: produced {written} bytes, declared {expected} "
                                  f"({list(shape)})")

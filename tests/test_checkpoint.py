@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -544,3 +550,161 @@ def test_write_streaming_errors_name_the_file(tmp_path):
         write_streaming(path, [("x", torch.uint8, (4,))], lambda n: iter([torch.zeros(4, dtype=torch.int8)]))
     with pytest.raises(ValueError, match=r"original/model\.safetensors: tensor 'x': produced 2 bytes, declared 4"):
         write_streaming(path, [("x", torch.uint8, (4,))], lambda n: iter([torch.zeros(2, dtype=torch.uint8)]))
+
+
+# ---- what a user meets (issue 13): progress, nothing left behind, paths named ---------------------------
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mxmoe.core.cli", "checkpoint", "random", *args],
+                            stdout=subprocess.PIPE, **kw)
+
+
+def test_progress_bar_counts_every_byte(tmp_path, monkeypatch):
+    seen = {}
+
+    @contextlib.contextmanager
+    def bar(enabled, total, desc):
+        seen[desc] = [enabled, total, 0]
+
+        def update(n):
+            seen[desc][2] += n
+        yield update
+
+    monkeypatch.setattr(ck, "_byte_bar", bar)
+    for layout in ck.LAYOUTS:
+        out = tmp_path / layout
+        ck.write_random_checkpoint(out, CONFIG, layout, max_shard_bytes=SHARD, progress=True)
+        on_disk = sum(i.nbytes for f in out.glob("*.safetensors") for i in ck.SafetensorsFile(f).tensors.values())
+        assert seen[f"writing {layout}"] == [True, on_disk, on_disk], layout
+
+
+def test_cli_shows_progress_on_a_terminal_and_is_quiet_otherwise(tmp_path):
+    main_fd, term_fd = os.openpty()  # a terminal of unknown size, as some CI runners give
+    proc = _cli("--format", "hf-bf16", str(tmp_path / "a"), stderr=term_fd)
+    os.close(term_fd)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main_fd)
+    assert proc.wait(timeout=120) == 0
+    text = seen.decode(errors="replace")
+    assert "writing a: 100%" in text and "B/s" in text, text
+    piped = _cli("--format", "hf-bf16", str(tmp_path / "b"), stderr=subprocess.PIPE, text=True)
+    out, err = piped.communicate(timeout=120)
+    assert piped.returncode == 0 and err == "" and out == f"wrote hf-bf16 checkpoint to {tmp_path / 'b'}\n"
+
+
+def _start_big_write(out: Path) -> subprocess.Popen:
+    """`mxmoe checkpoint random` of gpt-oss-20b's shapes (13 GB, minutes), once it has written 1 MiB."""
+    proc = _cli("--preset", "gpt-oss-20b", "--format", "original", str(out), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        files = list(out.parent.glob(f".{out.name}.tmp-*/{ck.ORIGINAL_FILE}"))
+        if files and files[0].stat().st_size > 2**20:
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"the writer did not start writing: {proc.communicate()}")
+
+
+def test_sigterm_during_random_removes_the_temporary_folder(tmp_path):
+    proc = _start_big_write(tmp_path / "big")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err == "mxmoe checkpoint random: stopped by SIGTERM; the partial checkpoint was removed\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_of_a_killed_writer_is_removed_by_the_next_write(tmp_path, capsys):
+    from mxmoe.core.cli import main
+
+    out = tmp_path / "big"
+    proc = _start_big_write(out)
+    proc.kill()  # SIGKILL: no chance to clean up
+    proc.communicate(timeout=60)
+    [left] = list(tmp_path.glob(".big.tmp-*"))
+    assert left.name.startswith(f".big.tmp-{proc.pid}@")
+    assert main(["checkpoint", "random", "--set", "vocab_size=512", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"mxmoe checkpoint random: {left}: removed the temporary folder of an earlier writer of {out} "
+                   f"(pid {proc.pid}, no longer running: it was killed before it could clean up)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big"] and ck.load_checkpoint(out)[2] == "hf"
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporary_folders_of_running_or_unknown_writers(tmp_path, caplog):
+    # a writer still running: refused, naming it
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        live = tmp_path / f".out.tmp-{sleeper.pid}@{ck._HOST}-abcd1234"
+        live.mkdir()
+        with pytest.raises(CheckpointError) as info:
+            ck.write_random_checkpoint(tmp_path / "out", CONFIG, "original")
+        assert str(info.value) == (f"{tmp_path / 'out'}: another writer (pid {sleeper.pid}) is writing it now, "
+                                   f"into {live}; wait for it to finish, or remove that folder if no such writer runs")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    ck.write_random_checkpoint(tmp_path / "out", CONFIG, "original")  # now it is gone: cleaned up
+    assert not live.exists() and "removed the temporary folder" in caplog.text
+    # writers that cannot be told (an older mxmoe, another host): warned about, left alone
+    caplog.clear()
+    older, other = tmp_path / ".two.tmp-k3j2h1g0", tmp_path / f".two.tmp-{_dead_pid()}@elsewhere-abcd1234"
+    older.mkdir()
+    other.mkdir()
+    (tmp_path / ".twofold.tmp-1@x-y").mkdir()  # another checkpoint's: not looked at
+    ck.write_random_checkpoint(tmp_path / "two", CONFIG, "original")
+    assert older.exists() and other.exists() and ck.load_checkpoint(tmp_path / "two")[2] == "original"
+    assert f"{older}: a temporary folder left by a writer of {tmp_path / 'two'} (an older mxmoe); cannot tell" \
+        in caplog.text
+    assert "(pid " in caplog.text and "on elsewhere); cannot tell" in caplog.text
+    assert caplog.text.count("cannot tell") == 2
+    # in an existing empty folder: a killed writer's folder there is removed, then the folder is empty
+    here = tmp_path / "here"
+    stale = here / f".checkpoint.tmp-{_dead_pid()}@{ck._HOST}-abcd1234"
+    stale.mkdir(parents=True)
+    (stale / "config.json").write_text("{}")
+    ck.write_random_checkpoint(here, CONFIG, "original")
+    assert sorted(p.name for p in here.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_errors_about_the_output_place_name_it(tmp_path, capsys):
+    from mxmoe.core.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(CheckpointError) as info:
+        ck.write_random_checkpoint(afile, CONFIG, "hf")
+    assert str(info.value) == (f"{afile}: expected a new or empty directory to write the checkpoint into, "
+                               f"found a file ({afile})")
+    for below in (afile / "sub", afile / "sub" / "deeper"):
+        with pytest.raises(CheckpointError) as info:
+            ck.write_random_checkpoint(below, CONFIG, "hf")
+        assert str(info.value) == f"{below}: cannot create the checkpoint directory there: {afile} is a file, " \
+                                  "not a directory"
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("x", "y"):
+        (full / name).write_text(name)
+    with pytest.raises(CheckpointError, match=r"found an existing non-empty one \(holding x, y\)"):
+        ck.write_random_checkpoint(full, CONFIG, "hf")
+    assert main(["checkpoint", "random", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mxmoe checkpoint random: {afile / 'sub'}: cannot create") and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]

@@ -261,3 +261,146 @@ def test_one_meaning_of_truncated(tok):
         assert parser.truncated is truncated, text
         assert parse_tokens(tok, ids, strict=False).truncated is truncated, text
         assert _result_json(parser)["truncated"] is truncated, text
+
+
+# ---- what a user meets (issue 13): damaged headers, calls without a recipient, strict wording, bounds ----
+
+_RECOVERY_WORDS = ("kept as", "kept its", "ignored", "replaced by", "dropped", "read as", "is closed", "stops")
+
+
+@pytest.mark.parametrize("text, role, channel, recipient, content", [
+    ("<|channel|>analysis secret plan<|end|>", "assistant", "analysis", None, "secret plan"),
+    ("<|start|>assistant<|channel|>analysis secret<|end|>", None, "analysis", None, "secret"),
+    ("<|channel|>analysis thinking about it", "assistant", "analysis", None, "thinking about it"),  # cut off
+    ('<|channel|>commentary to=functions.f {"a": 1}<|call|>', "assistant", "commentary", "functions.f", '{"a": 1}'),
+    ("<|channel|>analysis" + " word" * 300 + "<|end|>", "assistant", "analysis", None, "word" + " word" * 299),
+    ("hello there<|end|>", "assistant", None, None, "hello there"),  # no channel at all: none is made up
+    ("<|channel|>commentary to=functions.f<|call|>", "assistant", "commentary", "functions.f", ""),  # no arguments
+    ("<|channel|>analysis<|end|>", "assistant", None, None, "<|channel|>analysis"),  # nothing to hide: kept whole
+])
+def test_damaged_header_keeps_its_channel(tok, text, role, channel, recipient, content):
+    """A header broken off before <|message|> keeps its channel (so reasoning stays hidden); its other
+    words become the content, and the problem is an issue naming the kept channel."""
+    from mxmoe.core.harmony.messages import is_user_visible
+
+    ids = tok.encode(text, allowed_special="all")
+    result = parse_tokens(tok, ids, role)
+    m = result.messages[0]
+    assert (m.channel, m.recipient, m.text) == (channel, recipient, content)
+    assert result.issues, "the damage is reported"
+    assert ("kept its channel" in result.issues[0].reason) is (channel is not None), result.issues[0].reason
+    assert not is_user_visible(m)  # analysis, a tool call, or no channel: never printed as the reply
+    with pytest.raises(HarmonyParseError):
+        parse_tokens(tok, ids, role, strict=True)
+    # streaming says the same at the header as the finished message does
+    parser = StreamParser(tok, role)
+    deltas = parser.feed(ids) + parser.process_eos()
+    headers = [d for d in deltas if d.kind == "header" and d.message_index == 0]
+    assert [(d.channel, d.recipient) for d in headers] == [(channel, recipient)]
+
+
+def test_damaged_analysis_never_reaches_the_user(tok):
+    """What mxmoe chat prints without --show-analysis: the final answer only, even when the analysis
+    message's header is damaged or its channel is unknown."""
+    from mxmoe.core.harmony.messages import is_user_visible
+
+    text = ("<|channel|>analysis my secret reasoning<|end|>"
+            "<|start|>assistant<|channel|>thoughts<|message|>more secrets<|end|>"
+            "<|start|>assistant<|message|>no channel secret<|end|>"
+            "<|start|>assistant<|channel|>final<|message|>The answer.<|return|>")
+    parser = StreamParser(tok, "assistant")
+    shown = "".join(d.text for d in parser.feed(tok.encode(text, allowed_special="all"))
+                    if d.kind == "content" and is_user_visible(d))
+    assert shown == "The answer."
+    assert [is_user_visible(m) for m in parser.messages] == [False, False, False, True]
+    shown_all = "".join(d.text for d in parse_tokens(tok, tok.encode(text, allowed_special="all")).messages
+                        if is_user_visible(d, show_analysis=True))
+    assert shown_all == "my secret reasoningmore secretsno channel secretThe answer."
+
+
+@pytest.mark.parametrize("role, channel, recipient, visible, with_analysis", [
+    ("assistant", "final", None, True, True),
+    ("assistant", "commentary", None, True, True),  # a preamble meant for the user
+    ("assistant", "analysis", None, False, True),
+    ("assistant", None, None, False, True),  # missing channel
+    ("assistant", "thoughts", None, False, True),  # unknown channel
+    ("assistant", "commentary", "functions.get_weather", False, False),  # a tool call
+    ("assistant", "final", "functions.f", False, False),
+    ("assistant", "analysis", "python", False, False),
+    ("user", "final", None, False, False),  # the model writing the user's part
+    ("tool", "commentary", None, False, False),
+])
+def test_is_user_visible(role, channel, recipient, visible, with_analysis):
+    from mxmoe.core.harmony.messages import is_user_visible
+
+    name = "functions.get_weather" if role == "tool" else None
+    m = Message.create(role, "x", name=name, channel=channel, recipient=recipient)
+    assert is_user_visible(m) is visible
+    assert is_user_visible(m, show_analysis=True) is with_analysis
+
+
+def test_call_without_recipient_is_an_issue(tok):
+    ids = tok.encode("<|channel|>commentary<|message|>do it<|call|>", allowed_special="all")
+    result = parse_tokens(tok, ids)
+    assert [m.text for m in result.messages] == ["do it"] and result.stop_token == CALL
+    assert [(i.position, i.token) for i in result.issues] == [(len(ids) - 1, CALL)]
+    assert "<|call|> ends a message without a recipient" in result.issues[0].reason
+    assert extract_tool_calls(result.messages) == []
+    with pytest.raises(HarmonyParseError) as info:
+        parse_tokens(tok, ids, strict=True)
+    assert str(info.value) == f"token {len(ids) - 1} ({CALL} '<|call|>'): <|call|> ends a message without a recipient"
+    # with a recipient it is a call, and no issue
+    ok = tok.encode("<|channel|>commentary to=functions.f<|message|>{}<|call|>", allowed_special="all")
+    assert parse_tokens(tok, ok).issues == [] and len(extract_tool_calls(parse_tokens(tok, ok).messages)) == 1
+
+
+def test_strict_errors_name_the_position_and_only_the_problem(tok):
+    with pytest.raises(HarmonyParseError) as info:
+        parse_tokens(tok, [-1, *tok.encode("hi")], strict=True)
+    assert str(info.value) == "token 0: not a token id: -1" and info.value.position == 0
+    good = tok.encode("<|channel|>final<|message|>", allowed_special="all")
+    with pytest.raises(HarmonyParseError) as info:
+        parse_tokens(tok, [*good, 10**9], strict=True)
+    assert str(info.value) == f"token {len(good)}: not a token id: {10**9}"
+    cut = tok.encode("<|channel|>fin", allowed_special="all")
+    with pytest.raises(HarmonyParseError) as info:
+        parse_tokens(tok, cut, strict=True)
+    assert str(info.value) == f"end of stream after {len(cut)} tokens: stream ended inside a message header"
+    assert (info.value.position, info.value.token) == (len(cut), None)
+    # the lenient parser says how it recovered; the strict one only what is wrong
+    for text in ["<|channel|>final<|message|>a<|start|>assistant<|channel|>final<|message|>b<|return|>",
+                 "<|channel|>final<|message|>a<|end|>junk<|channel|>final<|message|>b<|end|>",
+                 "<|channel|>final<|message|>a<|end|><|end|>", "<|channel|>final<|message|>a<|message|>b<|end|>",
+                 "<|channel|>final<|message|>a<|return|>more", "<|channel|>final<|end|>", "<|channel|>analysis x",
+                 "<|return|>", "<|channel|>final<|start|>x"]:
+        ids = tok.encode(text, allowed_special="all")
+        lenient = parse_tokens(tok, ids, continue_after_stop=False).issues
+        with pytest.raises(HarmonyParseError) as info:
+            parse_tokens(tok, ids, strict=True, continue_after_stop=False)
+        assert any(w in lenient[0].reason for w in _RECOVERY_WORDS), lenient[0].reason
+        assert not any(w in str(info.value) for w in _RECOVERY_WORDS), str(info.value)
+        assert lenient[0].reason.startswith(info.value.reason) and info.value.position == lenient[0].position
+    bad = [tok.encoding.encode_single_token(b"\xff")]
+    with pytest.raises(HarmonyParseError) as info:
+        parse_tokens(tok, [*good, *bad], strict=True)
+    assert str(info.value) == f"token {len(good)} ({bad[0]} {tok.decode(bad)!r}): invalid UTF-8 in content"
+
+
+def test_issue_list_of_one_parse_is_bounded(tok):
+    from mxmoe.core.harmony.parser import MAX_ISSUES
+
+    head = tok.encode("<|channel|>final<|message|>", allowed_special="all")
+    bad = [tok.encoding.encode_single_token(bytes([b])) for b in (0xFF, 0xC0, 0x80)]
+    n = 200_000
+    result = parse_tokens(tok, head + [bad[i % 3] for i in range(n)])
+    # every byte is a problem, and so is the missing <|end|>: n + 1 in all, MAX_ISSUES listed
+    assert len(result.issues) == MAX_ISSUES + 1
+    assert all("invalid UTF-8" in i.reason for i in result.issues[:MAX_ISSUES])
+    omitted = n + 1 - MAX_ISSUES
+    last = result.issues[-1]
+    assert result.omitted_issues == omitted and result.to_dict()["omitted_issues"] == omitted
+    assert last.reason.startswith(f"{omitted} more issue(s) from token {len(head) + MAX_ISSUES} to token "
+                                  f"{len(head) + n}, not listed"), last.reason
+    assert result.messages[0].text == "\ufffd" * n  # the text itself is all kept
+    small = parse_tokens(tok, head + bad[:1] + [END])
+    assert len(small.issues) == 1 and small.omitted_issues == 0

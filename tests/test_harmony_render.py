@@ -172,3 +172,27 @@ def test_bad_role_names_the_message():
         Conversation.from_json('[{"role": "user", "content": "a"}, {"role": "wizard", "content": "x"}]')
     with pytest.raises(ValueError, match="message 0: content part 1: text: Input should be a valid string"):
         Conversation.from_json('[{"role": "user", "content": ["a", {"type": "text", "text": 3}]}]')
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "enum": [1, 2]},
+    {"type": "string", "enum": [None]},
+    {"type": "string", "enum": []},
+    {"type": "string", "enum": ["a", 1]},
+    {"type": "string", "enum": [1], "nullable": True},
+    {"type": "object", "properties": {"x": {"type": "string", "enum": [1, 2], "default": "z"}}},
+    {"type": "object", "properties": {"x": {"oneOf": [{"type": "string", "enum": [3], "default": "q"}]}}},
+    {"oneOf": [{"type": "string", "enum": [True]}, {"type": "number"}]},
+    {"type": "array", "items": {"type": "string", "enum": [1.5]}},
+])
+def test_string_enum_without_string_members_is_string(renderer, schema):
+    """An enum with no string members is written ``string``, as openai-harmony writes it (never ``(_: )``)."""
+    tool = oh.ToolDescription.new("f", "d", parameters=schema)
+    dev = oh.DeveloperContent.new().with_function_tools([tool])
+    conv = oh.Conversation.from_messages([oh.Message.from_role_and_content(oh.Role.DEVELOPER, dev)])
+    expected = O.oracle().render_conversation(conv)
+    assert renderer.render_conversation(_ours(conv)) == expected
+    text = renderer.tok.decode(expected)
+    assert "(_: )" not in text and "| \n" not in text and ":  " not in text
+    if schema.get("enum") is not None and not any(isinstance(v, str) for v in schema["enum"]):
+        assert schema_to_typescript(schema).startswith("string")

@@ -271,5 +271,18 @@ class Conversation(_Model):
         return cls.from_dict(json.loads(text))
 
 
+def is_user_visible(message: Any, show_analysis: bool = False) -> bool:
+    """Whether a chat shows ``message`` to the user as the reply: an assistant message without a
+    recipient on the ``final`` or ``commentary`` channel. Never reasoning (``analysis``), a tool call
+    (a recipient), a message of another role, or one whose channel is missing or unknown (a damaged
+    header may hide reasoning there), unless ``show_analysis``, which also shows the assistant's
+    messages without a recipient on any channel or none (dimmed, as reasoning). Works on a
+    :class:`Message` and on the parser's ``Delta`` alike (``role``, ``channel``, ``recipient``), so a
+    streaming printer decides at the header what a finished message would decide."""
+    if Role(message.role) != Role.ASSISTANT or message.recipient is not None:
+        return False
+    return message.channel in ("final", "commentary") or show_analysis
+
+
 def messages_to_json(messages: list[Message], **kwargs) -> str:
     return json.dumps([m.to_dict() for m in messages], ensure_ascii=False, **kwargs)

@@ -16,12 +16,17 @@ CONTENT_TYPE is a word such as ``code`` or ``json``, or ``<|constrain|>json``.
 
 ``strict=True`` raises :class:`HarmonyParseError` (position, token, reason) at the first malformed token.
 ``strict=False`` (lenient) never raises on model output: it recovers, keeps the text, and records each
-problem as an :class:`Issue`. A stream cut off inside a message (max tokens) is not malformed: the open
-message is closed by :meth:`StreamParser.process_eos` in both modes, with an issue noting it.
+problem as an :class:`Issue` (its reason says what was wrong, then how it was recovered). A header that
+breaks off before ``<|message|>`` keeps what it said up to its channel (and a recipient right after it),
+the rest becomes content: ``<|channel|>analysis text<|end|>`` is an analysis message "text", so reasoning
+whose header is damaged stays reasoning. A stream cut off inside a message (max tokens) is not malformed:
+the open message is closed by :meth:`StreamParser.process_eos` in both modes, with an issue noting it.
+One parse records at most :data:`MAX_ISSUES` issues, then one more that counts the rest.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Literal, Optional
@@ -31,17 +36,25 @@ from ..tokenizer import (CALL, CHANNEL, CONSTRAIN, END, ENDOFTEXT, MESSAGE, RETU
 from .messages import ROLES, Author, Message, Role, TextContent
 
 MAX_HEADER_TOKENS = 256  # far above any real header; past it, lenient mode reads the tokens as content
+MAX_ISSUES = 100  # issues listed per parse; a stream of garbage is summarised by a count, not 1e5 entries
 STOP_TOKENS = (RETURN, CALL)
 _CONSTRAIN_TEXT = "<|constrain|>"
 _CHANNEL_TEXT = "<|channel|>"
 
 
 class HarmonyParseError(ValueError):
-    """A malformed token sequence (strict mode): ``position`` is the token's index in the stream."""
+    """A malformed token sequence (strict mode): ``position`` is the token's index in the stream (the
+    number of tokens when the problem is the end of the stream, ``token`` None then)."""
 
-    def __init__(self, position: int, token: int | None, reason: str, token_text: str | None = None):
+    def __init__(self, position: int, token: object, reason: str, token_text: str | None = None, *,
+                 at_end: bool = False):
         self.position, self.token, self.reason = position, token, reason
-        where = f"token {position}" + (f" ({token} {token_text!r})" if token is not None else " (end of stream)")
+        if at_end:
+            where = f"end of stream after {position} tokens"
+        elif token_text is not None:
+            where = f"token {position} ({token} {token_text!r})"
+        else:  # not a token id: its value is in the reason
+            where = f"token {position}"
         super().__init__(f"{where}: {reason}")
 
 
@@ -145,6 +158,25 @@ def parse_header(text: str, role: Role | None) -> _Header:
     return _Header(author, channel, recipient, content_type, problems)
 
 
+_CHANNEL_WORDS = re.compile(r"\s*(?P<channel>[^\s<]+)(?:\s+(?P<to>to=[^\s<]+))?\s?")
+
+
+def recover_header(text: str, role: Role | None, fallback: Role) -> tuple[_Header, str]:
+    """(header, content) of a header that broke off before ``<|message|>`` (lenient mode). Up to and
+    including its channel name (and a ``to=`` recipient right after it) it is read as a header; the
+    rest is the message's content, so a damaged analysis header still gives an analysis message. Without
+    ``<|channel|>``, without a channel name after it, or with nothing after it (no text to hide or show,
+    no recipient), all of the text is the content of a message with no channel, by ``role`` (or
+    ``fallback`` when the header would have started with its author)."""
+    before, sep, after = text.partition(_CHANNEL_TEXT)
+    m = _CHANNEL_WORDS.match(after) if sep else None
+    if (m is None or m.group("channel").startswith("to=")
+            or (m.group("to") is None and not after[m.end():].strip())):
+        return _Header(Author(role=role or fallback)), text
+    header = parse_header(text[:len(before) + len(sep) + m.end()], role)
+    return header, after[m.end():]
+
+
 def _author(word: str) -> Author:
     if word in ROLES:
         return Author(role=Role(word))
@@ -199,6 +231,7 @@ class StreamParser:
         self.continue_after_stop = continue_after_stop
         self.messages: list[Message] = []
         self.issues: list[Issue] = []
+        self.omitted_issues = 0  # issues past MAX_ISSUES: counted (in the last issue), not listed
         self.tokens: list[int] = []
         self.stop_token: int | None = None
         # True once process_eos() found the stream ending inside a message (content or header), e.g. cut
@@ -261,7 +294,7 @@ class StreamParser:
         pos = len(self.tokens)
         self.tokens.append(token)
         if not isinstance(token, int) or not 0 <= token < VOCAB_SIZE:
-            self._problem(pos, None, f"not a token id: {token!r}")
+            self._problem(pos, token if isinstance(token, int) else None, f"not a token id: {token!r}", "ignored")
             return []
         handler = {State.EXPECT_START: self._expect_start, State.HEADER: self._in_header,
                    State.CONTENT: self._in_content, State.DONE: self._after_done}[self.state]
@@ -275,13 +308,11 @@ class StreamParser:
         self.truncated = self.truncated or inside
         if self.state == State.CONTENT:
             self._issue(pos, None, "stream ended inside a message (no <|end|>, <|return|> or <|call|>)")
-            out = self._finish_message(pos)
+            out = self._finish_message(pos, None)
         elif self.state == State.HEADER and self._header_tokens:
             text = self.tok.decode(self._header_tokens)
-            self._problem(pos, None, f"stream ended inside a message header; its text is kept as content: {text!r}")
-            self._header = _Header(Author(role=self._next_role or self._last_role))
-            self._text = [text]
-            out = [self._header_delta("header"), self._header_delta("content", text)] + self._finish_message(pos)
+            self._problem(pos, None, "stream ended inside a message header", self._recovery_note(text), at_end=True)
+            out = self._recover(pos, text) + self._finish_message(pos, None)
         self.state = State.DONE
         return out
 
@@ -293,14 +324,15 @@ class StreamParser:
             return []
         if token in STOP_TOKENS or token == ENDOFTEXT:
             if token != ENDOFTEXT:
-                self._problem(pos, token, "stop token outside a message")
+                self._problem(pos, token, "stop token outside a message", "the stream stops")
             self.stop_token = token
             self.state = State.DONE
             return []
         if token == END:
-            self._problem(pos, token, "<|end|> outside a message")
+            self._problem(pos, token, "<|end|> outside a message", "ignored")
             return []
-        self._problem(pos, token, "expected <|start|>")
+        self._problem(pos, token, "expected <|start|>",
+                      f"read as the header of another {self._last_role.value} message")
         # lenient: the model left out <|start|>role; go on as if it repeated the last role
         self._begin_header(self._last_role)
         return self._in_header(pos, token)
@@ -318,30 +350,27 @@ class StreamParser:
             text = self.tok.decode(self._header_tokens)
             name = self.tok.decode([token])
             if token == START:
-                self._problem(pos, token, f"<|start|> inside a header; dropped header {text!r}")
+                self._problem(pos, token, "<|start|> inside a header", f"dropped header {text!r}")
                 self._begin_header(None)
                 return []
-            self._problem(pos, token, f"{name} before <|message|>; the header text is kept as content")
-            self._header = parse_header("", self._next_role) if self._next_role else _Header(Author(role=self._last_role))
-            self._text = [text] if text else []
-            out = [self._header_delta("header")] + ([self._header_delta("content", text)] if text else [])
-            out += self._finish_message(pos)
+            self._problem(pos, token, f"{name} before <|message|>", self._recovery_note(text))
+            out = self._recover(pos, text)
+            if token == CALL:
+                self._check_call(pos)
+            out += self._finish_message(pos, token)
             if token != END:
                 self.stop_token = token
                 if not (self.continue_after_stop and token in STOP_TOKENS):
                     self.state = State.DONE
             return out
         if self.tok.is_special(token) and token not in (CHANNEL, CONSTRAIN):
-            self._problem(pos, token, f"unexpected special token {self.tok.decode([token])} in a header")
+            self._problem(pos, token, f"unexpected special token {self.tok.decode([token])} in a header", "ignored")
             return []
         self._header_tokens.append(token)
         if len(self._header_tokens) > MAX_HEADER_TOKENS:
-            self._problem(pos, token, f"header longer than {MAX_HEADER_TOKENS} tokens; read as content")
             text = self.tok.decode(self._header_tokens)
-            self._header = _Header(Author(role=self._next_role or self._last_role))
-            self._start_content()
-            self._text = [text]
-            return [self._header_delta("header"), self._header_delta("content", text)]
+            self._problem(pos, token, f"header longer than {MAX_HEADER_TOKENS} tokens", self._recovery_note(text))
+            return self._recover(pos, text)
         return []
 
     def _open_message(self, pos: int) -> list[Delta]:
@@ -360,43 +389,74 @@ class StreamParser:
     def _in_content(self, pos: int, token: int) -> list[Delta]:
         if token == END or token in STOP_TOKENS or token == ENDOFTEXT:
             if token == ENDOFTEXT:
-                self._problem(pos, token, "<|endoftext|> inside a message; read as its end")
-            out = self._finish_message(pos)
+                self._problem(pos, token, "<|endoftext|> inside a message", "read as its end")
+            if token == CALL:
+                self._check_call(pos)
+            out = self._finish_message(pos, token)
             if token != END:
                 self.stop_token = token
                 if not (self.continue_after_stop and token in STOP_TOKENS):
                     self.state = State.DONE
             return out
         if token == START:
-            self._problem(pos, token, "<|start|> before <|end|>; the open message is closed")
-            out = self._finish_message(pos)
+            self._problem(pos, token, "<|start|> before <|end|>", "the open message is closed")
+            out = self._finish_message(pos, token)
             self._begin_header(None)
             return out
         if self.tok.is_special(token):
-            self._problem(pos, token, f"special token {self.tok.decode([token])} inside content; kept as text")
-            return self._append(pos, self._utf8.flush()[0] + self.tok.decode([token]), False)
+            self._problem(pos, token, f"special token {self.tok.decode([token])} inside content", "kept as text")
+            return self._append(pos, token, self._utf8.flush()[0] + self.tok.decode([token]), False)
         text, bad = self._utf8.feed(self.tok.decode_bytes([token]))
-        return self._append(pos, text, bad)
+        return self._append(pos, token, text, bad)
 
     def _after_done(self, pos: int, token: int) -> list[Delta]:
-        self._problem(pos, token, "token after the stream stopped; ignored")
+        self._problem(pos, token, "token after the stream stopped", "ignored")
         return []
 
     # --- helpers -------------------------------------------------------------------------------------
 
-    def _append(self, pos: int, text: str, bad: bool) -> list[Delta]:
+    def _recovery_note(self, text: str) -> str:
+        header, _ = recover_header(text, self._next_role, self._last_role)
+        if header.channel is None:
+            return f"its text is kept as content: {text!r}"
+        return f"kept its channel {header.channel!r}, the rest as content: {text!r}"
+
+    def _recover(self, pos: int, text: str) -> list[Delta]:
+        """Open the message a broken-off header (``text``) stands for (see :func:`recover_header`)."""
+        header, content = recover_header(text, self._next_role, self._last_role)
+        for p in header.problems:
+            self._problem(pos, None, p)
+        self._header = header
+        self._start_content()
+        out = [self._header_delta("header")]
+        if content:
+            self._text = [content]
+            out.append(self._header_delta("content", content))
+        return out
+
+    def _check_call(self, pos: int) -> None:
+        # <|call|> ends a tool call; without a recipient there is no tool to call, and the message would
+        # pass for ordinary text: say so instead of letting the call vanish.
+        h = self._header
+        if h is not None and not (h.recipient or "").strip():
+            self._problem(pos, CALL, "<|call|> ends a message without a recipient",
+                          "read as the message's end (no tool is called)")
+
+    def _append(self, pos: int, token: int | None, text: str, bad: bool) -> list[Delta]:
         if bad:
-            self._problem(pos, None, "invalid UTF-8 in content; replaced by U+FFFD")
+            self._problem(pos, token, "invalid UTF-8 in content", "replaced by U+FFFD")
         if not text:
             return []
         self._text.append(text)
         return [self._header_delta("content", text)]
 
-    def _finish_message(self, pos: int) -> list[Delta]:
+    def _finish_message(self, pos: int, token: int | None) -> list[Delta]:
+        """Close the open message at ``token`` (None: the end of the stream)."""
         tail, bad = self._utf8.flush()
-        out = self._append(pos, tail, False)
+        out = self._append(pos, token, tail, False)
         if bad:
-            self._problem(pos, None, "message ended inside a UTF-8 sequence; replaced by U+FFFD")
+            self._problem(pos, token, "message ended inside a UTF-8 sequence", "replaced by U+FFFD",
+                          at_end=token is None)
         h = self._header
         assert h is not None
         self.messages.append(Message(author=h.author, content=[TextContent(text="".join(self._text))],
@@ -416,12 +476,23 @@ class StreamParser:
                      content_type=h.content_type, text=text)
 
     def _issue(self, pos: int, token: int | None, reason: str) -> None:
-        self.issues.append(Issue(pos, token, reason, len(self.messages)))
+        if len(self.issues) < MAX_ISSUES:
+            self.issues.append(Issue(pos, token, reason, len(self.messages)))
+            return
+        # Past the limit one last issue counts the rest; it is replaced, not appended to, as they come.
+        self.omitted_issues += 1
+        first = self.issues.pop().position if self.omitted_issues > 1 else pos
+        self.issues.append(Issue(first, None, f"{self.omitted_issues} more issue(s) from token {first} to token "
+                                              f"{pos}, not listed (at most {MAX_ISSUES} are)"))
 
-    def _problem(self, pos: int, token: int | None, reason: str) -> None:
+    def _problem(self, pos: int, token: int | None, reason: str, recovery: str = "", *,
+                 at_end: bool = False) -> None:
+        """A malformed stream: strict mode raises ``reason``; lenient mode records it with the ``recovery``."""
         if self.strict:
-            raise HarmonyParseError(pos, token, reason, self.tok.decode([token]) if token is not None else None)
-        self._issue(pos, token, reason)
+            valid = token is not None and 0 <= token < VOCAB_SIZE
+            raise HarmonyParseError(pos, token, reason, self.tok.decode([token]) if valid else None,
+                                    at_end=at_end)
+        self._issue(pos, token, f"{reason}; {recovery}" if recovery else reason)
 
 
 @dataclass
@@ -430,10 +501,11 @@ class ParseResult:
     issues: list[Issue]
     stop_token: Optional[int]
     truncated: bool  # the stream ended inside a message (e.g. at max tokens)
+    omitted_issues: int = 0  # issues past MAX_ISSUES, counted in the last one instead of listed
 
     def to_dict(self) -> dict:
         return {"messages": [m.to_dict() for m in self.messages], "issues": [i.to_dict() for i in self.issues],
-                "stop_token": self.stop_token, "truncated": self.truncated}
+                "omitted_issues": self.omitted_issues, "stop_token": self.stop_token, "truncated": self.truncated}
 
 
 def parse_tokens(tokenizer: Tokenizer, tokens: Iterable[int], role: Role | str | None = Role.ASSISTANT, *,
@@ -445,4 +517,4 @@ def parse_tokens(tokenizer: Tokenizer, tokens: Iterable[int], role: Role | str |
     for t in tokens:
         parser.process(t)
     parser.process_eos()
-    return ParseResult(parser.messages, parser.issues, parser.stop_token, parser.truncated)
+    return ParseResult(parser.messages, parser.issues, parser.stop_token, parser.truncated, parser.omitted_issues)

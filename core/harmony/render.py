@@ -84,9 +84,10 @@ def schema_to_typescript(schema: Any, indent: str = "") -> str:
     if kind == "object":
         return _object_to_typescript(schema, indent)
     if kind == "string":
-        if _is_enum(schema):
-            return " | ".join(f'"{v}"' for v in schema["enum"] if isinstance(v, str))
-        return "string"
+        # Only the string members are written; an enum with none (``[1, 2]``, ``[null]``) is a plain
+        # string, as openai-harmony writes it (measured), not an empty type.
+        members = [v for v in schema["enum"] if isinstance(v, str)] if _is_enum(schema) else []
+        return " | ".join(f'"{v}"' for v in members) if members else "string"
     if kind in ("number", "integer"):
         return "number"
     if kind == "boolean":
