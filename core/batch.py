@@ -58,6 +58,22 @@ class Batch:
         return Batch(positions=t(positions), cu_seqlens=t(cu), context_lens=t(ends), cache_rows=t(cache_rows),
                      slot_mapping=t(slots), max_seqlen=max(new_lens), max_context_len=max(ends))
 
+    @staticmethod
+    def from_lens(new_lens: torch.Tensor, past_lens: torch.Tensor, cache_rows: torch.Tensor, cache_len: int,
+                  num_tokens: int, max_seqlen: int, max_context_len: int) -> "Batch":
+        """:meth:`build` from (S,) int64 tensors already on the device, by device ops (no per-token Python
+        lists, no host sync). The caller states T = ``num_tokens`` = sum(new_lens) and the host maxima
+        (upper bounds are fine) and guarantees what :meth:`build` checks."""
+        S = new_lens.shape[0]
+        dev = new_lens.device
+        cu = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+        torch.cumsum(new_lens, 0, out=cu[1:])
+        seq = torch.repeat_interleave(torch.arange(S, device=dev), new_lens, output_size=num_tokens)  # (T,)
+        positions = past_lens[seq] + torch.arange(num_tokens, device=dev) - cu[seq]
+        return Batch(positions=positions, cu_seqlens=cu, context_lens=past_lens + new_lens, cache_rows=cache_rows,
+                     slot_mapping=cache_rows[seq] * cache_len + positions, max_seqlen=max_seqlen,
+                     max_context_len=max_context_len)
+
 
 @dataclass
 class KVCache:

@@ -131,12 +131,23 @@ class GptOss:
         return self.forward(ids, batch, self.new_cache(1, T), logits_rows=torch.arange(T, device=self.device))
 
     def generate(self, prompt_ids: Sequence[int], max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop_tokens: Sequence[int] = ()) -> Iterator[int]:
-        """Stream generated token ids (see :func:`mxmoe.core.generate.generate`)."""
-        from .generate import generate
+                 top_p: float = 1.0, seed: int | None = None, stop_tokens: Sequence[int] = (),
+                 **engine_kwargs) -> Iterator[int]:
+        """Stream generated token ids of one prompt through the generation engine (core/engine.py), in an
+        engine sized for it; ``engine_kwargs`` as for :meth:`generate_batch`. Errors surface on iteration."""
+        from .engine import SamplingParams, generate
 
-        return generate(self, prompt_ids, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens)
+        return generate(self, prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=temperature,
+                                                         top_p=top_p, seed=seed, stop_tokens=tuple(stop_tokens)),
+                        **engine_kwargs)
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params: Any = None, **engine_kwargs) -> list:
+        """Complete several prompts as one batch (``params``: one ``SamplingParams`` for all, or one each);
+        returns the finished ``Request`` objects (``token_ids``, ``finish_reason``, ``error``) in prompt order.
+        ``engine_kwargs``: ``max_batch``, ``max_context``, ``max_step_tokens``, ``use_graphs``."""
+        from .engine import generate_batch
+
+        return generate_batch(self, prompts, params, **engine_kwargs)
 
     @property
     def tokenizer(self):
