@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"mxmoe.core": "core", "mxmoe.core.harmony": "core/harmony", "mxmoe.backends": "backends",
-            "mxmoe.plugins": "plugins", "mxmoe.conformance": "conformance"}
+PACKAGES = {"mxmoe.core": "core", "mxmoe.core.harmony": "core/harmony", "mxmoe.core.serve": "core/serve",
+            "mxmoe.backends": "backends", "mxmoe.backends.triton_engine": "backends/triton_engine",
+            "mxmoe.backends.megablocks": "backends/megablocks", "mxmoe.plugins": "plugins",
+            "mxmoe.conformance": "conformance"}
 
 
 def test_editable_install_maps_every_folder():
