@@ -132,8 +132,8 @@ def check_context(prompt_lens: list[int], max_tokens: int, limit: int, where: st
     room = limit - n
     hint = (f"use --max-tokens {room} or less, or a shorter prompt" if room > 0
             else "the prompt alone leaves no room: shorten it")
-    raise ContextLimitError(f"{which} has {n} tokens; with --max-tokens {max_tokens} that is {n + max_tokens} positions, "
-                     f"more than the model's context of {limit} tokens{where}{more}; {hint}")
+    raise ContextLimitError(f"{which} has {n} tokens; with --max-tokens {max_tokens} that is {n + max_tokens} "
+                            f"positions, more than the model's context of {limit} tokens{where}{more}; {hint}")
 
 
 def context_limit_source(config: Any, limit: int) -> str:
@@ -198,12 +198,12 @@ def _format_warning(prog: str):
     (formatwarning, not showwarning: code that records warnings, such as pytest's, still records them.)"""
     default = warnings.formatwarning
 
-    def format(message, category, filename, lineno, line=None):
+    def one_line(message, category, filename, lineno, line=None):
         if not category.__module__.startswith("mxmoe."):
             return default(message, category, filename, lineno, line)
         return f"{prog}: warning: {' '.join(str(message).splitlines())}\n"
 
-    return format
+    return one_line
 
 
 def _user_message(e: BaseException) -> str:
@@ -212,6 +212,9 @@ def _user_message(e: BaseException) -> str:
     text = str(e)
     if isinstance(e, BackendSelectionError):  # the head; the trace is for `mxmoe backends --explain` / --debug
         text = text.split("\n\n", 1)[0]
+        if "cannot choose a backend for every op" in text:
+            text += "\n(`mxmoe backends --explain` with the same --backend, --device and --dtype, or --debug, shows " \
+                    "why each engine was passed over)"
     return text
 
 

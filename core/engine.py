@@ -478,7 +478,9 @@ class Engine:
                     yield request.token_ids[sent - 1]
                 if request.done:
                     break
-                if not self.step() and not request.done:
+                steps = self.steps
+                self.step()  # may sample nothing: a prefill chunk of a prompt longer than the step budget
+                if self.steps == steps and not request.done:
                     raise RuntimeError(f"{request} made no progress")  # a scheduler bug, never a hang
             if request.error is not None:
                 raise RequestError(request.error)

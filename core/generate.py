@@ -99,7 +99,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                    help="send the prompt as plain text; by default it is rendered in the harmony chat format "
                         "gpt-oss expects (system message, then the prompt as the user's message, ending in "
                         "<|start|>assistant) and the raw reply, headers included, is streamed")
-    p.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="most tokens to generate; a prompt plus this many must fit the model's context, or the "
+                        "command refuses before loading the model (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; 0 is greedy decoding (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0,
@@ -130,24 +132,55 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
+    from .cli import UsageError
+
     prompts = list(args.prompt or [])
     if args.prompts is not None:
-        text = sys.stdin.read() if args.prompts == "-" else open(args.prompts, encoding="utf-8").read()
+        try:
+            text = sys.stdin.read() if args.prompts == "-" else open(args.prompts, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --prompts {args.prompts}: {e}") from None
         prompts += [line for line in text.splitlines() if line.strip()]
     return prompts or [DEFAULT_PROMPT]
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be judged without the model (core/cli.py checks --device and --dtype)."""
+    from .cli import UsageError, check_positive, check_sampling
+
+    check_sampling(args.max_tokens, args.temperature, args.top_p)
+    check_positive(max_batch=args.max_batch, max_context=args.max_context, max_step_tokens=args.max_step_tokens)
+    if args.max_batch is not None and args.max_step_tokens is not None and args.max_step_tokens < args.max_batch:
+        raise UsageError(f"--max-step-tokens {args.max_step_tokens} is less than --max-batch {args.max_batch}: "
+                         "every running prompt decodes one token each step")
+    if args.cuda_graphs == "on" and torch.device(args.device).type != "cuda":
+        raise UsageError(f"--cuda-graphs on: CUDA graphs were asked for, but the model is on "
+                         f"{torch.device(args.device).type} (--device {args.device}); use --cuda-graphs auto or off")
+
+
+def _encode(tok, texts: list[str], raw: bool) -> tuple[list[list[int]], tuple[int, ...]]:
+    """The prompts' token ids and the stop tokens: plain text with --raw, else harmony chat prompts."""
+    if raw:
+        return [tok.encode(t) for t in texts], (tok.special("<|endoftext|>"),)
+    from .harmony import Message, Renderer, Role
+    from .harmony.chat import preamble
+
+    renderer = Renderer(tok)
+    prompts = [renderer.render_for_completion(preamble() + [Message.create(Role.USER, t)]) for t in texts]
+    return prompts, (tok.special("<|return|>"), tok.special("<|call|>"), tok.special("<|endoftext|>"))
 
 
 def _cli_generate(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .engine import SamplingParams, engine_for
+    from .checkpoint import load_checkpoint
+    from .cli import UsageError, check_context, config_context_limit, context_limit_source
+    from .engine import SamplingParams, context_limit, engine_for
     from .model import load_model
+    from .tokenizer import load_tokenizer
 
-    try:
-        texts = _read_prompts(args)
-    except OSError as e:
-        print(f"mxmoe generate: cannot read --prompts {args.prompts}: {e}", file=sys.stderr)
-        return 2
+    _check_args(args)
+    texts = _read_prompts(args)
     model_dir = args.model
     tmp = None
     if model_dir is None:
@@ -159,19 +192,24 @@ def _cli_generate(args: argparse.Namespace) -> int:
         print(f"[no --model: writing a tiny random checkpoint to {model_dir}]", file=sys.stderr)
         write_random_checkpoint(model_dir, preset("tiny"), "original", seed=0)
     try:
+        # Before the weights are prepared (minutes for a large model): the checkpoint is validated from its
+        # headers, and the prompts are measured against the context its config allows.
+        config, _weights, _layout = load_checkpoint(model_dir)
+        limit = config_context_limit(config)
+        if args.max_context is not None and args.max_context > limit:
+            raise UsageError(f"--max-context {args.max_context}: more than the model's context of {limit} tokens"
+                             f"{context_limit_source(config, limit)}")
+        tok = load_tokenizer(model_dir=model_dir)
+        prompts, stop = _encode(tok, texts, args.raw)
+        empty = [i + 1 for i, p in enumerate(prompts) if not p]
+        if empty:
+            raise UsageError(f"prompt {empty[0]} is empty: nothing to complete")
+        lens = [len(p) for p in prompts]
+        check_context(lens, args.max_tokens, limit, context_limit_source(config, limit))
         model = load_model(model_dir, backend=args.backend, device=args.device, dtype=args.dtype,
                            strict=args.strict)
-        tok = model.tokenizer
-        if args.raw:
-            prompts = [tok.encode(t) for t in texts]
-            stop = (tok.special("<|endoftext|>"),)
-        else:
-            from .harmony import Message, Renderer, Role
-            from .harmony.chat import preamble
-
-            renderer = Renderer(tok)
-            prompts = [renderer.render_for_completion(preamble() + [Message.create(Role.USER, t)]) for t in texts]
-            stop = (tok.special("<|return|>"), tok.special("<|call|>"), tok.special("<|endoftext|>"))
+        limit = context_limit(model)  # an engine may claim less than the config allows
+        check_context(lens, args.max_tokens, limit, context_limit_source(config, limit))
         params = [SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                  seed=None if args.seed is None else args.seed + i, stop_tokens=stop)
                   for i in range(len(prompts))]
@@ -179,9 +217,8 @@ def _cli_generate(args: argparse.Namespace) -> int:
         try:
             engine = engine_for(model, prompts, params, max_batch=args.max_batch, max_context=args.max_context,
                                 max_step_tokens=args.max_step_tokens, use_graphs=graphs)
-        except ValueError as e:
-            print(f"mxmoe generate: {e}", file=sys.stderr)
-            return 2
+        except ValueError as e:  # the pool does not fit in memory, or graphs cannot be captured here
+            raise UsageError(str(e)) from None
         if len(prompts) == 1 and not args.json:
             return _stream_one(engine, tok, prompts[0], params[0])
         return _run_batch(engine, tok, texts, prompts, params, as_json=args.json)
