@@ -102,10 +102,11 @@ def test_hookspecs_are_prefixed_typed_and_documented():
 def test_builtins_register_through_the_same_hook():
     reg = discover(refresh=True)
     builtin = plugin(reg, "builtin")
-    assert builtin.status == "loaded" and builtin.distribution == "mxmoe" and builtin.backends == ["torch"]
+    assert builtin.status == "loaded" and builtin.distribution == "mxmoe"
+    assert builtin.backends == ["torch", "triton", "megablocks"]  # the reference first
     assert reg.classes["torch"] is TorchBackend
     # the hook, called through pluggy like any plugin's
-    assert [TorchBackend] in reg.manager.hook.mxmoe_register_backends()
+    assert [TorchBackend, reg.classes["triton"], reg.classes["megablocks"]] in reg.manager.hook.mxmoe_register_backends()
     import mxmoe.backends
 
     assert reg.manager.get_plugin("builtin") is mxmoe.backends
@@ -154,7 +155,9 @@ def test_auto_still_works_with_broken_plugins_and_trace_says_why(dummies):
     assert chosen == {op: "fast" if op in ("attention", "rms_norm") else "torch" for op in OPS}
     kinds = {r.backend: r.kind for r in res.decision("experts").rejected}
     assert kinds == {"fast": "not_supported", "oldapi": "api_version", "proberaises": "unavailable",
-                     "nothing": "not_supported", "torch": "duplicate"}
+                     "nothing": "not_supported", "torch": "duplicate",
+                     "triton": "not_supported",  # bfloat16 only
+                     "megablocks": "lower_priority"}
     attn = {r.backend: r for r in res.decision("attention").rejected}
     assert attn["torch"].kind == "lower_priority" and "100" in attn["torch"].reason
     assert "driver exploded" in attn["proberaises"].reason
@@ -197,7 +200,7 @@ def test_disable_autoload(dummies, monkeypatch):
     reg = discover()
     assert [p.name for p in reg.plugins if p.status == "loaded"] == ["builtin"]
     assert plugin(reg, "fast").status == "autoload_disabled"
-    assert set(reg.classes) == {"torch"}
+    assert set(reg.classes) == {"torch", "triton", "megablocks"}  # the built-ins only
     monkeypatch.setenv("MXMOE_PLUGINS", "fast")  # named explicitly: still loaded
     reg = discover()
     assert {p.name for p in reg.plugins if p.status == "loaded"} == {"builtin", "fast"}
