@@ -1,0 +1,301 @@
+"""The triton engine's MXFP4 MoE kernels (backends/triton_engine/moe.py).
+
+Checked against the ``torch`` engine's experts op in float64 on the same canonical MXFP4 weights (the
+oracle), and against ``moe_mxfp4_ref`` (the kernels' plain-PyTorch spec). On a CPU the kernels run in the
+Triton interpreter (tests/conftest.py), so shapes are small; on a CUDA machine the same tests run on the GPU.
+
+Error bound for bf16 activations, per output element d of token t (u = 2^-8, bf16's unit roundoff): the
+kernels round SwiGLU(h) to bf16 where they store it, and the output once; every sum is fp32. So
+    |out - ref| <= u |ref| + u sum_s |w_s| sum_i |W2_e[d, i]| |h_si| + fp32 slack,
+which the oracle computes exactly (``_oracle``). A wrong decode, a lost block or a missing bias breaks it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the triton engine's kernels need the triton package")
+
+from mxmoe.backends.reference import TorchBackend  # noqa: E402
+from mxmoe.backends.triton_engine import moe  # noqa: E402
+from mxmoe.core import mxfp4  # noqa: E402
+from mxmoe.core.backend import NotSupported  # noqa: E402
+from mxmoe.core.weights import ExpertLinear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ALPHA, LIMIT = 1.702, 7.0
+U_BF16 = 2.0 ** -8
+# Small tiles so that the interpreter is quick and N/K tails occur (K steps of 2 or 4 blocks = 64 or 128 values),
+# each kernel variant once: gemv with and without prefetching, products with joined lanes (JOIN) and with split
+# ones.
+SMALL = {
+    "gemv": dict(path="gemv", mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=1),
+                 mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, PREFETCH=2)),
+    "gemv_loop": dict(path="gemv", mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0),
+                      mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, PREFETCH=0)),
+    "dot": dict(path="dot", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False),
+                mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False)),
+    "prefill": dict(path="prefill", BLOCK_T=32, mlp1=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True),
+                    mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True)),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_poison(monkeypatch):
+    # Many tiny numpy/torch ops: extra intra-op threads only fight over the CI's two cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(moe, "_POISON_BUFFERS", True)  # intermediates start as NaN: reading unwritten rows shows
+    yield
+    torch.set_num_threads(threads)
+
+
+def _experts(seed: int, E: int, D: int, I: int) -> tuple[ExpertLinear, ExpertLinear]:
+    """Canonical MXFP4 experts quantized from Gaussians (fan-in scaled), bf16 biases."""
+    g = torch.Generator().manual_seed(seed)
+
+    def layer(N, K):
+        w = torch.randn(E, N, K, generator=g) * K ** -0.5
+        blocks, scales = mxfp4.quantize(w)
+        bias = (torch.randn(E, N, generator=g) * 0.1).to(torch.bfloat16)
+        return ExpertLinear(bias=bias, blocks=blocks, scales=scales)
+
+    return layer(2 * I, D), layer(D, I)
+
+
+def _routing(seed: int, T: int, E: int, k: int, experts: list[int] | None = None):
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor(experts if experts is not None else list(range(E)))
+    idx = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(T)])
+    w = torch.softmax(torch.randn(T, k, generator=g), dim=-1)
+    return w, idx
+
+
+def _oracle(mlp1: ExpertLinear, mlp2: ExpertLinear, x, ew, idx):
+    """(torch engine in float64, the error bound above) for bf16 kernels."""
+    tb = TorchBackend()
+    ref = tb.experts(x.double(), ew.double(), idx, tb.prepare_experts(mlp1, mlp2, torch.float64, "cpu"),
+                     ALPHA, LIMIT)
+    # |W2| |h| per pair, in float64, for the bound.
+    w1, w2 = mlp1.dense(torch.float64), mlp2.dense(torch.float64)
+    spread = torch.zeros_like(ref)
+    for t in range(x.shape[0]):
+        for s in range(idx.shape[1]):
+            e = int(idx[t, s])
+            hh = x[t].double() @ w1[e].T + mlp1.bias[e].double()
+            gate, lin = hh[0::2].clamp(max=LIMIT), hh[1::2].clamp(-LIMIT, LIMIT)
+            h = gate * torch.sigmoid(ALPHA * gate) * (lin + 1)
+            spread[t] += abs(float(ew[t, s])) * (w2[e].abs() @ h.abs() + mlp2.bias[e].double().abs())
+    return ref, spread
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, spread: torch.Tensor, u: float = U_BF16):
+    out = out.double().cpu()
+    assert not out.isnan().any(), "NaN in the output (an unwritten element or a read of unwritten memory)"
+    bound = u * ref.abs() + u * spread + 2.0 ** -20 * spread
+    err = (out - ref).abs()
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"error {worst:.2f}x the bound; max abs error {err.max().item():.3e}"
+
+
+def _run(x, ew, idx, w, variant):
+    out = torch.full(x.shape, float("nan"), dtype=x.dtype, device=DEVICE)
+    res = moe.moe_mxfp4(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT, path=SMALL[variant]["path"],
+                        config=SMALL[variant], out=out)
+    assert res is out
+    return out.cpu()
+
+
+# ---- layout ---------------------------------------------------------------------------------------------
+
+def test_words_roundtrip_and_exact_decode_of_every_code_and_scale():
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (3, 5, 96), generator=g, dtype=torch.uint8)
+    words = moe.pack_words(codes)
+    assert words.shape == (3, 5, 12) and words.dtype == torch.int32
+    assert torch.equal(moe.unpack_words(words), codes)
+    # Every code under every interesting scale byte: the words decode to exactly what core.mxfp4 says.
+    all_codes = torch.arange(16, dtype=torch.uint8).repeat(2)[None, :]  # one block holding each code twice
+    for s in (0, 1, 2, 126, 127, 200, 240, 241, 253, 254, 255):
+        scales = torch.full((1, 1), s, dtype=torch.uint8)
+        got = moe.dequantize_words(moe.pack_words(all_codes), scales, torch.float64)
+        want = mxfp4.dequantize(mxfp4.pack(all_codes), scales, torch.float64)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_prepare_rejects_dense_experts_and_odd_shapes():
+    mlp1, mlp2 = _experts(2, 2, 64, 32)
+    dense1 = ExpertLinear(bias=mlp1.bias, weight=mlp1.dense(torch.bfloat16))
+    with pytest.raises(NotSupported):
+        moe.prepare_moe_weights(dense1, mlp2, torch.bfloat16, DEVICE)
+    with pytest.raises(NotSupported):
+        moe.prepare_moe_weights(mlp1, mlp2, torch.float16, DEVICE)
+    with pytest.raises(NotSupported):
+        moe.prepare_moe_weights(mlp2, mlp1, torch.bfloat16, DEVICE)  # swapped: shapes do not chain
+
+
+def test_prepared_layout_is_the_canonical_weights():
+    mlp1, mlp2 = _experts(3, 3, 64, 32)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    dense1 = mlp1.dense(torch.float32)
+    for e in range(3):
+        torch.testing.assert_close(moe.dequantize_words(w.w1[e, 0].cpu(), w.s1[e, 0].cpu(), torch.float32),
+                                   dense1[e, 0::2], rtol=0, atol=0)
+        torch.testing.assert_close(moe.dequantize_words(w.w1[e, 1].cpu(), w.s1[e, 1].cpu(), torch.float32),
+                                   dense1[e, 1::2], rtol=0, atol=0)
+        torch.testing.assert_close(moe.dequantize_words(w.w2[e].cpu(), w.s2[e].cpu(), torch.float32),
+                                   mlp2.dense(torch.float32)[e], rtol=0, atol=0)
+    torch.testing.assert_close(w.b1[:, 0].cpu(), mlp1.bias.float()[:, 0::2], rtol=0, atol=0)
+    assert not w.big_scales
+
+
+# ---- routing ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,E,k,block_t,pool", [(37, 8, 4, 16, None), (9, 40, 4, 4, None), (50, 16, 2, 16, [3, 5]),
+                                                 (1, 32, 4, 16, None)])
+def test_routing_kernel_matches_stable_sort(T, E, k, block_t, pool):
+    _, idx = _routing(T + E, T, E, k, pool)
+    order, tiles = moe.moe_routing(idx.to(DEVICE), E, block_t)
+    want_order, want_tiles = moe.moe_routing_ref(idx, E, block_t)
+    assert torch.equal(order.cpu(), want_order)
+    assert torch.equal(tiles.cpu(), want_tiles)
+    assert tiles.shape[1] == T * k // block_t + min(E, T * k)
+
+
+# ---- the op --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path,T,D,I", [("gemv", 1, 160, 64), ("gemv_loop", 2, 160, 96), ("gemv", 4, 192, 64),
+                                         ("dot", 5, 96, 64), ("dot", 20, 64, 96), ("prefill", 3, 64, 96)])
+def test_paths_match_the_torch_engine(path, T, D, I):
+    E, k = 8, 4
+    mlp1, mlp2 = _experts(10 + T, E, D, I)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, D, generator=g).to(torch.bfloat16)
+    ew, idx = _routing(T, T, E, k)
+    ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+    out = _run(x, ew, idx, w, path)
+    _check(out, ref, spread)
+    # The spec on the same prepared weights agrees within the same bound.
+    spec = moe.moe_mxfp4_ref(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT)
+    _check(spec, ref, spread)
+
+
+def test_prefill_tiles_one_hot_expert_and_idle_experts():
+    # 40 tokens, every one's first choice the same expert (3 tiles of 16 there), only 4 of 16 experts used.
+    E, k, T, D, I = 16, 2, 40, 96, 64
+    mlp1, mlp2 = _experts(5, E, D, I)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    ew, idx = _routing(7, T, E, k, experts=[1, 6, 9])
+    idx[:, 0] = 12
+    for path in ("prefill", "dot"):
+        ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+        _check(_run(x, ew, idx, w, path), ref, spread)
+
+
+def test_float32_activations_are_not_rounded():
+    E, k, D, I = 4, 2, 64, 64
+    mlp1, mlp2 = _experts(8, E, D, I)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.float32, DEVICE)
+    for path, T in (("gemv", 3), ("dot", 6)):
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
+        ew, idx = _routing(T, T, E, k)
+        ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+        # fp32 throughout (fp32 dots with ieee precision): only accumulation-order rounding, ~K * 2^-24.
+        _check(_run(x, ew, idx, w, path), ref, spread, u=2.0 ** -17)
+        spec = moe.moe_mxfp4_ref(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT)
+        _check(spec, ref, spread, u=2.0 ** -17)
+
+
+def _extreme_inputs(scale_bytes: list[int], seed: int):
+    """mlp1 column blocks 0..n-1 with scale byte ``scale_bytes[b]`` in every row of every expert, block n normal.
+
+    The activations are scaled per block so that every extreme block contributes visibly (1e-2..1) to mlp1's
+    outputs, and a scale decoded wrongly or flushed to zero shows: under bytes 0 and 1 by 2^119 (more would
+    overflow fp32 partial sums where the float64 oracle does not); under byte 254 only 4 codes of the block
+    are kept, with |E2M1| <= 1.5 (2 * 2^127 is beyond fp32/bf16; the oracle holds it in float64), against
+    activations of magnitude 2^-126..2^-124 (normal bf16).
+    """
+    nb = len(scale_bytes) + 1
+    E, k, T, D, I = 4, 2, 3, 32 * nb, 64
+    mlp1, mlp2 = _experts(seed, E, D, I)
+    g = torch.Generator().manual_seed(seed + 1)
+    codes = mxfp4.unpack(mlp1.blocks).reshape(E, 2 * I, nb, 32)
+    scales = mlp1.scales.clone()
+    x = torch.randn(T, nb, 32, generator=g)
+    for b, s in enumerate(scale_bytes):
+        scales[:, :, b] = s
+        if s == 254:
+            codes[:, :, b, 4:] = 0
+            codes[:, :, b, :4] &= 0b1011  # drop the top magnitude bit: |E2M1| <= 1.5
+            x[:, b] = torch.sign(x[:, b]) * (1 + x[:, b].abs().clamp(max=3)) * 2.0 ** -126
+        else:
+            x[:, b] *= 2.0 ** 119
+    mlp1 = ExpertLinear(bias=mlp1.bias, blocks=mxfp4.pack(codes.reshape(E, 2 * I, D)), scales=scales)
+    x = x.reshape(T, D).to(torch.bfloat16)
+    ew, idx = _routing(seed, T, E, k)
+    return mlp1, mlp2, x, ew, idx
+
+
+@pytest.mark.parametrize("scale_bytes", [[0, 1], [0, 1, 254]])
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_e8m0_extreme_scales(scale_bytes, path):
+    mlp1, mlp2, x, ew, idx = _extreme_inputs(scale_bytes, 20 + len(scale_bytes))
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    assert w.big_scales == (254 in scale_bytes)  # both scaling variants of the kernels are exercised
+    ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+    assert ref.isfinite().all()
+    _check(_run(x, ew, idx, w, path), ref, spread)
+
+
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_nan_scale_poisons_exactly_the_affected_outputs(path):
+    E, k, T, D, I = 4, 1, 6, 64, 64
+    mlp1, mlp2 = _experts(30, E, D, I)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(31)).to(torch.bfloat16)
+    ew, idx = _routing(32, T, E, k)
+    idx[:, 0] = torch.tensor([0, 1, 2, 0, 3, 1])
+    s1, s2 = mlp1.scales.clone(), mlp2.scales.clone()
+    s1[1, 6, 1] = 255  # expert 1, gate row of output 3, second block: NaN in h -> every output of its tokens
+    s2[2, 5, 0] = 255  # expert 2, output row 5: NaN there only
+    mlp1 = ExpertLinear(bias=mlp1.bias, blocks=mlp1.blocks, scales=s1)
+    mlp2 = ExpertLinear(bias=mlp2.bias, blocks=mlp2.blocks, scales=s2)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    out = torch.full((T, D), 0.0, dtype=torch.bfloat16, device=DEVICE)
+    moe.moe_mxfp4(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT, path=path, config=SMALL[path],
+                  out=out)  # (gemv and dot: the variant names are the paths)
+    nan = out.isnan().cpu()
+    want = torch.zeros(T, D, dtype=torch.bool)
+    want[idx[:, 0] == 1] = True
+    want[idx[:, 0] == 2, 5] = True
+    assert torch.equal(nan, want)
+    ref = TorchBackend().experts(x.double(), ew.double(), idx,
+                                 TorchBackend().prepare_experts(mlp1, mlp2, torch.float64, "cpu"), ALPHA, LIMIT)
+    assert torch.equal(ref.isnan(), want)  # the oracle agrees on where NaN goes
+
+
+def test_dot_configs_that_triton_miscompiles_are_refused():
+    # On a GPU, joined lanes with BLOCK_N < 64 (MMAv2) computed wrong values on the H200 (triton 3.6): refused.
+    with pytest.raises(ValueError):
+        moe.check_dot_config(dict(BLOCK_N=32, BLOCK_B=2, JOIN=True), interpret=False)
+    assert moe.check_dot_config(dict(BLOCK_N=32, BLOCK_B=2, JOIN=True), interpret=True)  # the interpreter is right
+    assert not moe.check_dot_config(dict(BLOCK_N=32, BLOCK_B=4, JOIN=False), interpret=False)
+    with pytest.raises(ValueError):
+        moe.check_dot_config(dict(BLOCK_N=64, BLOCK_B=2, JOIN=False), interpret=False)
+    for path in ("dot", "prefill"):
+        for layer in ("mlp1", "mlp2"):
+            moe.check_dot_config(moe.CONFIGS[path][layer], interpret=False)
+
+
+def test_default_path_choice_depends_on_shapes_only():
+    assert moe.choose_path(1, 4, 32) == "gemv"
+    assert moe.choose_path(moe.GEMV_MAX_TOKENS + 1, 4, 32) == "dot"
+    assert moe.choose_path(2048, 4, 32) == "prefill"
+    mlp1, mlp2 = _experts(40, 4, 64, 32)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    empty = moe.moe_mxfp4(torch.zeros(0, 64, dtype=torch.bfloat16, device=DEVICE),
+                          torch.zeros(0, 2, device=DEVICE), torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
+                          w, ALPHA, LIMIT)
+    assert empty.shape == (0, 64)
