@@ -935,8 +935,12 @@ def _versions() -> dict[str, str | None]:
 
 
 def git_commit() -> dict[str, Any]:
-    """The git commit of the mxmoe source this runs from (an editable checkout), else of the current
-    directory's checkout if it is mxmoe's, else ``$MXMOE_GIT_COMMIT``; and whether tracked files differ."""
+    """``$MXMOE_GIT_COMMIT`` when set (a copy of the tree whose own .git may be stale, as on a lent GPU
+    machine), else the git commit of the mxmoe source this runs from (an editable checkout), else of the
+    current directory's checkout if it is mxmoe's; and whether tracked files differ."""
+    env = os.environ.get("MXMOE_GIT_COMMIT", "").strip()
+    if env:
+        return {"commit": env.removesuffix("-dirty"), "dirty": True if env.endswith("-dirty") else None}
     here = Path(__file__).resolve().parent.parent
     for root in (here, Path.cwd()):
         if not (root / "pyproject.toml").is_file() or 'name = "mxmoe"' not in (root / "pyproject.toml").read_text():
@@ -950,8 +954,7 @@ def git_commit() -> dict[str, Any]:
                 dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                        capture_output=True, text=True, timeout=30)
                 return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    env = os.environ.get("MXMOE_GIT_COMMIT", "").strip()
-    return {"commit": env or None, "dirty": None}
+    return {"commit": None, "dirty": None}
 
 
 def header(plan: Plan, dev: _Device, config: ModelConfig, limits: Limits, run_id: str,
@@ -1328,7 +1331,7 @@ the router picked in that step give the bytes the step must read.
 results: one JSON line per engine and scenario, each with date, device, driver, versions, git commit,
 the measured limits and the command that repeats the run, appended to --results; by default to
 tests/benchmarks/results/bench.jsonl when that folder exists under the current directory, else to
-./mxmoe-bench.jsonl. Outside a git checkout the commit is taken from $MXMOE_GIT_COMMIT.
+./mxmoe-bench.jsonl. The commit is $MXMOE_GIT_COMMIT when set (SHA, '-dirty' suffix allowed), else the git checkout's.
 
 exit status: 0 when every scenario ran, 1 when one failed (its record says why), 2 for bad input.
 """
