@@ -34,6 +34,13 @@ SMALL = {
                  mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, PREFETCH=2)),
     "gemv_loop": dict(path="gemv", mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0),
                       mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, PREFETCH=0)),
+    # The split kernels (SPLIT_K), activations prefetched with the weights: mlp1 K split 2 ways in steps of one
+    # block (3 + 2 steps at K = 5 blocks, prefetching 2 steps), mlp2 split 4 ways (empty splits at K <= 3 blocks)
+    # with the k-sum fused; and mlp1 unsplit, mlp2 split 2 ways and summed without fusing.
+    "gemv_split": dict(path="gemv", mlp1=dict(BLOCK_N=64, BLOCK_B=1, num_warps=4, PREFETCH=2, SPLIT_K=2),
+                       mlp2=dict(BLOCK_N=64, BLOCK_B=1, num_warps=4, PREFETCH=1, SPLIT_K=4, FUSE_SUM=True)),
+    "gemv_split1": dict(path="gemv", mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0, SPLIT_K=1),
+                        mlp2=dict(BLOCK_N=64, BLOCK_B=1, num_warps=4, PREFETCH=1, SPLIT_K=2)),
     "dot": dict(path="dot", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False),
                 mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False)),
     "prefill": dict(path="prefill", BLOCK_T=32, mlp1=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True),
@@ -166,6 +173,8 @@ def test_routing_kernel_matches_stable_sort(T, E, k, block_t, pool):
 # ---- the op --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path,T,D,I", [("gemv", 1, 160, 64), ("gemv_loop", 2, 160, 96), ("gemv", 4, 192, 64),
+                                         ("gemv_split", 1, 160, 64), ("gemv_split", 2, 96, 96),
+                                         ("gemv_split1", 2, 160, 96),
                                          ("dot", 5, 96, 64), ("dot", 20, 64, 96), ("prefill", 3, 64, 96)])
 def test_paths_match_the_torch_engine(path, T, D, I):
     E, k = 8, 4
@@ -199,7 +208,7 @@ def test_float32_activations_are_not_rounded():
     E, k, D, I = 4, 2, 64, 64
     mlp1, mlp2 = _experts(8, E, D, I)
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.float32, DEVICE)
-    for path, T in (("gemv", 3), ("dot", 6)):
+    for path, T in (("gemv", 3), ("gemv_split", 2), ("dot", 6)):
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
         ew, idx = _routing(T, T, E, k)
         ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
@@ -240,7 +249,7 @@ def _extreme_inputs(scale_bytes: list[int], seed: int):
 
 
 @pytest.mark.parametrize("scale_bytes", [[0, 1], [0, 1, 254]])
-@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_split", "dot"])
 def test_e8m0_extreme_scales(scale_bytes, path):
     mlp1, mlp2, x, ew, idx = _extreme_inputs(scale_bytes, 20 + len(scale_bytes))
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
@@ -250,7 +259,7 @@ def test_e8m0_extreme_scales(scale_bytes, path):
     _check(_run(x, ew, idx, w, path), ref, spread)
 
 
-@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_split", "dot"])
 def test_nan_scale_poisons_exactly_the_affected_outputs(path):
     E, k, T, D, I = 4, 1, 6, 64, 64
     mlp1, mlp2 = _experts(30, E, D, I)
@@ -264,8 +273,8 @@ def test_nan_scale_poisons_exactly_the_affected_outputs(path):
     mlp2 = ExpertLinear(bias=mlp2.bias, blocks=mlp2.blocks, scales=s2)
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
     out = torch.full((T, D), 0.0, dtype=torch.bfloat16, device=DEVICE)
-    moe.moe_mxfp4(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT, path=path, config=SMALL[path],
-                  out=out)  # (gemv and dot: the variant names are the paths)
+    moe.moe_mxfp4(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT, path=SMALL[path]["path"],
+                  config=SMALL[path], out=out)
     nan = out.isnan().cpu()
     want = torch.zeros(T, D, dtype=torch.bool)
     want[idx[:, 0] == 1] = True
@@ -299,3 +308,26 @@ def test_default_path_choice_depends_on_shapes_only():
                           torch.zeros(0, 2, device=DEVICE), torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
                           w, ALPHA, LIMIT)
     assert empty.shape == (0, 64)
+
+
+def test_split_kernels_leave_counters_at_zero_and_repeat_bitwise():
+    # The split kernels' last program per tile resets its counter: a second call (as a CUDA-graph replay would)
+    # must see all counters at 0 and give the same bits; the unfused and fused mlp2 agree to fp32 rounding.
+    E, k, T, D, I = 6, 2, 2, 96, 64
+    mlp1, mlp2 = _experts(50, E, D, I)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(51)).to(torch.bfloat16)
+    ew, idx = _routing(52, T, E, k)
+    first = _run(x, ew, idx, w, "gemv_split")
+    counters = w.scratch[("counters", str(torch.device(DEVICE)))]
+    assert counters.numel() >= T * k * 2 and not counters.any()
+    assert torch.equal(_run(x, ew, idx, w, "gemv_split"), first)
+    assert not counters.any()
+    ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+    _check(first, ref, spread)
+    _check(_run(x, ew, idx, w, "gemv_split1"), ref, spread)
+    assert not counters.any()
+    with pytest.raises(ValueError):
+        moe.moe_mxfp4(x.to(DEVICE), ew.to(DEVICE), idx.to(DEVICE), w, ALPHA, LIMIT, path="gemv",
+                      config=dict(mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=3, SPLIT_K=2),
+                                  mlp2=SMALL["gemv"]["mlp2"]))

@@ -9,7 +9,9 @@ every launch):
   of output rows, streaming that pair's expert rows with the next K step's loads in flight while the
   current one is decoded (CUDA-core FMAs, no tensor cores): mlp1 gathers its token row and writes SwiGLU(h),
   mlp2 writes the weighted row w * (W2 h + b2) of the pair; a tiny kernel sums each token's k rows in a
-  fixed order (deterministic, no atomics).
+  fixed order (deterministic, no atomics). A second family of gemv kernels (configs with ``SPLIT_K``, see
+  "split variant" below) prefetches the activations with the weights, splits K over programs and can fuse
+  the k-sum into mlp2 (deterministic too: atomic counters only elect the program that sums, in fixed order).
 * ``dot`` (up to 64 tokens: tiles of 16 tokens of one expert) and ``prefill`` (tiles of 128): device routing (a stable counting sort of
   the pairs by expert and a static-size tile list, one program), then grouped matrix products on tensor
   cores with the dequantized weights as the wide operand and a tile of one expert's tokens as the narrow
@@ -31,7 +33,7 @@ intermediate (mlp1: N = 2I, K = D; mlp2: N = D, K = I), NB = K/32 scale blocks p
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -106,6 +108,7 @@ class MoEWeights:
     b2: torch.Tensor  # (E, D) float32
     dtype: torch.dtype  # activation dtype the engine prepared for
     big_scales: bool = False  # some scale byte > 240 (or NaN): the kernels then scale in two steps
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)  # counters of the split gemv kernels
 
     @property
     def num_experts(self) -> int:
@@ -427,6 +430,260 @@ def _mlp2_gemv_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
     tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=offs_n < D)
 
 
+# ---- gemv path, split variant (config key SPLIT_K): activations prefetched with the weights, K split -----------------
+#
+# The same per-pair GEMV with three changes (NOTES-moe.md, "What would close the gap"): (1) the 16 activation
+# pair-words of each block are loaded together with the next step's weights and carried in registers, so no load
+# sits right before its FMAs; a tile of BN rows wider than the threads cover gives each thread several rows of the
+# same block, which then share those activation registers; (2) the K blocks are split over SPLIT_K programs (fp32
+# partial sums), which multiplies the programs in flight; the last of a tile's programs to finish (an atomic
+# counter) sums the partials in split order; (3, mlp2, FUSE_SUM) the last of a token's k * SPLIT_K programs also
+# sums the token's k slots in slot order and writes the output row, with no k-sum kernel. Every sum runs in a fixed
+# order: results do not depend on which program finishes last. Counters start at 0 and their last program puts
+# them back to 0, so a CUDA graph replays the kernels as they are.
+# Layout note: tiles are [BB, BN, 4] (blocks first), not [BN, BB, 4] as in the base kernels. Triton orders the
+# threads of a load by the pointer's contiguity (the 4 words first) and, among equal dimensions, the first one
+# next: here the blocks, so a warp reads BB consecutive blocks (BB*16 contiguous bytes) of 32/BB rows, and a
+# tile wider than the threads' rows repeats rows per thread (with BN > 128/BB at 4 warps), which then share the
+# activation registers of their block. (The base kernels' order puts 32 rows of one block in a warp, and every
+# thread loads its block's activations for one row only; checked in the sm_90 TTGIR, NOTES-moe.md.)
+
+@triton.jit
+def _x_split(p, X_BF16: tl.constexpr):
+    # p: activation element pairs as one word (int32 of two bf16, or int64 of two fp32) -> (even, odd) fp32.
+    if X_BF16:
+        p = p.to(tl.uint32, bitcast=True)
+        even = (p << 16).to(tl.float32, bitcast=True)
+        odd = (p & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        p = p.to(tl.uint64, bitcast=True)
+        even = (p & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
+        odd = (p >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    return even, odd
+
+
+@triton.jit
+def _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, b0, offs_b, offs_w, NB,
+                TWO: tl.constexpr):
+    # Words [BB, BN, 4] + scale bytes [BB, BN] (of the gate and linear rows if TWO) and the activation pair-words
+    # [BB, 4] of slots 0..3 of blocks b0 .. b0+BB-1; block indices clamped (see _gemv_load).
+    blk = tl.minimum(b0 + offs_b, NB - 1)
+    w_ptrs = w_ptr + w_offs + blk[:, None, None] * 4
+    s_ptrs = s_ptr + s_offs + blk[:, None]
+    wa = tl.load(w_ptrs)
+    sa = tl.load(s_ptrs)
+    if TWO:
+        wb = tl.load(w_ptrs + stride_w_h * 4)
+        sb = tl.load(s_ptrs + stride_s_h)
+    else:
+        wb = wa
+        sb = sa
+    x_ptrs = x_ptr + x_row + blk[:, None] * 16 + offs_w[None, :]
+    x0 = tl.load(x_ptrs)
+    x1 = tl.load(x_ptrs + 4)
+    x2 = tl.load(x_ptrs + 8)
+    x3 = tl.load(x_ptrs + 12)
+    return wa, sa, wb, sb, x0, x1, x2, x3
+
+
+@triton.jit
+def _split_slot(part, w, xp, SLOT: tl.constexpr, X_BF16: tl.constexpr, EXACT: tl.constexpr):
+    xe, xo = _x_split(xp, X_BF16)
+    lo, hi = _slot_f32(w, SLOT, EXACT)
+    part = part + lo * xe[:, None, :]
+    return part + hi * xo[:, None, :]
+
+
+@triton.jit
+def _split_partial(w, x0, x1, x2, x3, X_BF16: tl.constexpr, EXACT: tl.constexpr):
+    # As _gemv_block_partial, from activations already in registers: [BB, BN, 4] words -> [BB, BN] block sums.
+    w = w.to(tl.uint32, bitcast=True)
+    part = tl.zeros(w.shape, tl.float32)
+    part = _split_slot(part, w, x0, 0, X_BF16, EXACT)
+    part = _split_slot(part, w, x1, 1, X_BF16, EXACT)
+    part = _split_slot(part, w, x2, 2, X_BF16, EXACT)
+    part = _split_slot(part, w, x3, 3, X_BF16, EXACT)
+    return tl.sum(part, axis=2)
+
+
+@triton.jit
+def _split_compute(acc_a, acc_b, wa, sa, wb, sb, x0, x1, x2, x3, b0, offs_b, b_end,
+                   X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, TWO: tl.constexpr):
+    keep = (b0 + offs_b < b_end)[:, None]  # blocks of this program's K range only
+    pa = _split_partial(wa, x0, x1, x2, x3, X_BF16, BIG_SCALES)
+    acc_a += tl.where(keep, _scale_values(pa, sa, BIG_SCALES), 0.0)
+    if TWO:
+        pb = _split_partial(wb, x0, x1, x2, x3, X_BF16, BIG_SCALES)
+        acc_b += tl.where(keep, _scale_values(pb, sb, BIG_SCALES), 0.0)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _split_rows(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, NB, b_lo, b_hi,
+                BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, TWO: tl.constexpr,
+                PREFETCH: tl.constexpr):
+    # The K loop over blocks b_lo .. b_hi-1 (b_lo may be >= b_hi: then the sums are 0): per-block sums [BB, BN].
+    # PREFETCH 1 or 2: the weights and activations of the next one or two steps are loaded before this step's
+    # decode and FMAs (steps past the end reload the last one).
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_w = tl.arange(0, 4)
+    last = b_lo + tl.maximum(tl.cdiv(b_hi - b_lo, BLOCK_B) - 1, 0) * BLOCK_B
+    wa, sa, wb, sb, x0, x1, x2, x3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row,
+                                                 b_lo, offs_b, offs_w, NB, TWO)
+    if PREFETCH >= 1:
+        na, nsa, nb, nsb, n0, n1, n2, n3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
+                                                       x_row, tl.minimum(b_lo + BLOCK_B, last), offs_b, offs_w, NB,
+                                                       TWO)
+    if PREFETCH >= 2:
+        ma, msa, mb, msb, m0, m1, m2, m3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
+                                                       x_row, tl.minimum(b_lo + 2 * BLOCK_B, last), offs_b, offs_w,
+                                                       NB, TWO)
+    acc_a, acc_b = _split_compute(0.0, 0.0, wa, sa, wb, sb, x0, x1, x2, x3, b_lo, offs_b, b_hi, X_BF16, BIG_SCALES,
+                                  TWO)
+    for b0 in range(b_lo + BLOCK_B, b_hi, BLOCK_B):
+        if PREFETCH >= 2:
+            wa, sa, wb, sb, x0, x1, x2, x3 = na, nsa, nb, nsb, n0, n1, n2, n3
+            na, nsa, nb, nsb, n0, n1, n2, n3 = ma, msa, mb, msb, m0, m1, m2, m3
+            ma, msa, mb, msb, m0, m1, m2, m3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h,
+                                                           x_ptr, x_row, tl.minimum(b0 + 2 * BLOCK_B, last), offs_b,
+                                                           offs_w, NB, TWO)
+        elif PREFETCH >= 1:
+            wa, sa, wb, sb, x0, x1, x2, x3 = na, nsa, nb, nsb, n0, n1, n2, n3
+            na, nsa, nb, nsb, n0, n1, n2, n3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h,
+                                                           x_ptr, x_row, tl.minimum(b0 + BLOCK_B, last), offs_b,
+                                                           offs_w, NB, TWO)
+        else:
+            wa, sa, wb, sb, x0, x1, x2, x3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
+                                                         x_row, b0, offs_b, offs_w, NB, TWO)
+        acc_a, acc_b = _split_compute(acc_a, acc_b, wa, sa, wb, sb, x0, x1, x2, x3, b0, offs_b, b_hi, X_BF16,
+                                      BIG_SCALES, TWO)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _split_k_range(pid_s, NB, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Blocks [b_lo, b_hi) of split pid_s: whole K steps of BB blocks each, the last split the shortest.
+    per = tl.cdiv(tl.cdiv(NB, SPLIT_K), BLOCK_B) * BLOCK_B
+    b_lo = pid_s * per
+    return b_lo, tl.minimum(b_lo + per, NB)
+
+
+@triton.jit
+def _arrive(cnt_ptrs, TARGET):
+    # Counts this program in at its counter; True for the last of TARGET programs. The barrier orders every
+    # thread's partial-sum stores before the (release) atomic; the last program's reads of the others' partials
+    # come after its (acquire) atomic and are made through L2 (.cg), past any stale L1 line.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptrs, 1, sem="acq_rel")
+    return arrived == TARGET - 1
+
+
+# BN SwiGLU outputs of one (token, slot) pair over split pid_s of K. part: [P, SPLIT_K, 2, I] fp32 partials;
+# cnt: [P, cdiv(I, BN)] int32 counters.
+@triton.jit
+def _mlp1_gemv_split_kernel(x_ptr, stride_x_t, idx_ptr,
+                            w_ptr, stride_w_e, stride_w_h, stride_w_n,
+                            s_ptr, stride_s_e, stride_s_h, stride_s_n,
+                            b_ptr, stride_b_e, stride_b_h,
+                            h_ptr, stride_h_p, part_ptr, cnt_ptr,
+                            NB, I, TOP_K, alpha, limit,
+                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                            X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    e = tl.load(idx_ptr + pid_p).to(tl.int64)
+    tok = pid_p // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    rows = tl.minimum(offs_n, I - 1)  # past the last row, read it again (the stores drop those outputs)
+    w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]: see the layout note
+    s_offs = rows[None, :] * stride_s_n
+    b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
+    acc_g, acc_l = _split_rows(w_ptr + e * stride_w_e * 4, w_offs, stride_w_h, s_ptr + e * stride_s_e, s_offs,
+                               stride_s_h, x_ptr, tok * stride_x_t * 16, NB, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES,
+                               True, PREFETCH)
+    gate = tl.sum(acc_g, axis=0)
+    lin = tl.sum(acc_l, axis=0)
+    bias_ptrs = b_ptr + e * stride_b_e + rows
+    h_ptrs = h_ptr + pid_p * stride_h_p * 32 + offs_n
+    if SPLIT_K == 1:
+        h = _swiglu(gate + tl.load(bias_ptrs), lin + tl.load(bias_ptrs + stride_b_h), alpha, limit)
+        tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        part_ptrs = part_ptr + pid_p * SPLIT_K * 2 * I + rows
+        tl.store(part_ptrs + pid_s * 2 * I, gate, mask=mask_n)
+        tl.store(part_ptrs + pid_s * 2 * I + I, lin, mask=mask_n)
+        cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
+        if _arrive(cnt_ptrs, SPLIT_K):
+            gate = tl.load(bias_ptrs)
+            lin = tl.load(bias_ptrs + stride_b_h)
+            for s in tl.static_range(SPLIT_K):  # split order, whichever program came last
+                gate += tl.load(part_ptrs + s * 2 * I, cache_modifier=".cg")
+                lin += tl.load(part_ptrs + s * 2 * I + I, cache_modifier=".cg")
+            h = _swiglu(gate, lin, alpha, limit)
+            tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(cnt_ptrs, 0)  # ready for the next launch
+
+
+# BN outputs of one (token, slot) pair over split pid_s of K. Without FUSE_SUM: y[pair] = w_pair * (W2 h + b2)
+# as the base kernel (partials [P, SPLIT_K, D] summed by the last split). With FUSE_SUM: the last of the token's
+# k * SPLIT_K programs writes out[tok] = sum over slots of w_slot * (sum over splits + b2) (counters per token).
+@triton.jit
+def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
+                            w_ptr, stride_w_e, stride_w_n,
+                            s_ptr, stride_s_e, stride_s_n,
+                            b_ptr, stride_b_e,
+                            y_ptr, stride_y_p, out_ptr, stride_o_t, part_ptr, cnt_ptr,
+                            NB, D, TOP_K,
+                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                            FUSE_SUM: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr,
+                            PREFETCH: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    e = tl.load(idx_ptr + pid_p).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    rows = tl.minimum(offs_n, D - 1)
+    w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]: see the layout note
+    s_offs = rows[None, :] * stride_s_n
+    b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
+    acc, _ = _split_rows(w_ptr + e * stride_w_e * 4, w_offs, 0, s_ptr + e * stride_s_e, s_offs, 0, h_ptr,
+                         pid_p * stride_h_p * 16, NB, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES, False, PREFETCH)
+    acc = tl.sum(acc, axis=0)
+    if SPLIT_K == 1 and not FUSE_SUM:
+        weight = tl.load(ew_ptr + pid_p).to(tl.float32)
+        y = (acc + tl.load(b_ptr + e * stride_b_e + rows)) * weight
+        tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
+    else:
+        tl.store(part_ptr + (pid_p * SPLIT_K + pid_s) * D + rows, acc, mask=mask_n)
+        if FUSE_SUM:
+            tok = pid_p // TOP_K
+            cnt_ptrs = cnt_ptr + tok * tl.num_programs(1) + pid_n
+            if _arrive(cnt_ptrs, TOP_K * SPLIT_K):
+                total = tl.zeros([BLOCK_N], tl.float32)
+                for slot in range(TOP_K):  # slot order, then split order: whichever program came last
+                    pair = tok * TOP_K + slot
+                    ep = tl.load(idx_ptr + pair).to(tl.int64)
+                    v = tl.load(b_ptr + ep * stride_b_e + rows)
+                    for s in tl.static_range(SPLIT_K):
+                        v += tl.load(part_ptr + (pair * SPLIT_K + s) * D + rows, cache_modifier=".cg")
+                    total += v * tl.load(ew_ptr + pair).to(tl.float32)
+                tl.store(out_ptr + tok * stride_o_t * 32 + offs_n, _cast(total, out_ptr.dtype.element_ty),
+                         mask=mask_n)
+                tl.store(cnt_ptrs, 0)
+        else:
+            cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
+            if _arrive(cnt_ptrs, SPLIT_K):
+                v = tl.load(b_ptr + e * stride_b_e + rows)
+                for s in tl.static_range(SPLIT_K):
+                    v += tl.load(part_ptr + (pid_p * SPLIT_K + s) * D + rows, cache_modifier=".cg")
+                y = v * tl.load(ew_ptr + pid_p).to(tl.float32)
+                tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
+                tl.store(cnt_ptrs, 0)
+
+
 # ---- routing: stable counting sort of the pairs by expert, and the tile list ----------------------------------------
 
 # One program. BP pairs per step x BE experts one-hot; BM tile slots per step.
@@ -677,10 +934,15 @@ def _sum_slots_kernel(y_ptr, stride_y_p, out_ptr, stride_o_t, D, TOP_K: tl.const
 # ---- the public op ------------------------------------------------------------------------------------------------
 
 # Tile shapes per path (BN rows of output, BB blocks of 32 per K step, BT tokens per tile): the fastest of the sweep
-# on the H200 (tests/benchmarks/gpu/NOTES-moe.md, second run).
+# on the H200 (tests/benchmarks/gpu/NOTES-moe.md, second run). The gemv path has two kernel families: the base
+# kernels (GEMV_BASE, measured) and the split ones (a config with SPLIT_K; GEMV_SPLIT is an unmeasured guess from
+# the offline sm_90 compile). `moe_kernels.py --sweep-t1` measures both and prints the "gemv" line to put below.
+GEMV_BASE = dict(mlp1=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=2),
+                 mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0))
+GEMV_SPLIT = dict(mlp1=dict(BLOCK_N=32, BLOCK_B=8, num_warps=4, PREFETCH=2, SPLIT_K=4),
+                  mlp2=dict(BLOCK_N=16, BLOCK_B=8, num_warps=4, PREFETCH=1, SPLIT_K=2, FUSE_SUM=True))
 CONFIGS = {
-    "gemv": dict(mlp1=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=2),
-                 mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0)),
+    "gemv": GEMV_BASE,  # the one line that selects the gemv kernels (the sweep's winner goes here)
     "dot": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=128, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
                 mlp2=dict(BLOCK_N=128, BLOCK_B=2, num_warps=4, num_stages=4, JOIN=True)),
     "prefill": dict(BLOCK_T=128, mlp1=dict(BLOCK_N=128, BLOCK_B=2, num_warps=8, num_stages=4, JOIN=True),
@@ -733,6 +995,69 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
         y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
         PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"])
+
+
+def is_split_config(cfg: dict) -> bool:
+    """A gemv layer config selects the split kernels (activations prefetched, K split, sums fused) by SPLIT_K."""
+    return "SPLIT_K" in cfg
+
+
+def _split_pairs(t: torch.Tensor) -> torch.Tensor:
+    # Element pairs as one word each: int32 for bf16 rows, int64 for fp32 rows (split by shifts in _x_split).
+    return t.view(torch.int32) if t.dtype == torch.bfloat16 else t.view(torch.int64)
+
+
+def _counters(w: MoEWeights, n: int, k: int, device) -> torch.Tensor:
+    """n int32 counters at 0 for the split kernels, kept with the layer's weights (each kernel leaves them at 0).
+
+    Made on first use, outside any CUDA-graph capture (a buffer allocated during a capture would belong to the
+    graph's memory pool), large enough for every gemv batch (T <= GEMV_MAX_TOKENS) with BLOCK_N >= 8; a capture
+    that needs more than an earlier eager call made is refused. One layer's kernels must not run on two streams
+    at once (they would share counters)."""
+    have = w.scratch.get(("counters", str(device)))
+    if have is None or have.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("moe_mxfp4: the split gemv kernels need their counters made by one eager call "
+                               "with these shapes before a CUDA graph captures them")
+        most = GEMV_MAX_TOKENS * k * triton.cdiv(max(w.hidden, w.intermediate), 8)
+        have = torch.zeros(max(n, most), dtype=torch.int32, device=device)
+        w.scratch[("counters", str(device))] = have
+    return have
+
+
+def _check_split(cfg: dict):
+    if cfg["SPLIT_K"] < 1 or cfg.get("PREFETCH", 1) not in (0, 1, 2):
+        raise ValueError(f"moe gemv split config {cfg}: SPLIT_K >= 1 and PREFETCH 0, 1 or 2")
+
+
+def launch_mlp1_gemv_split(x, idx, w: MoEWeights, h, cfg, alpha, limit):
+    _check_split(cfg)
+    P, (T, D), I, split = idx.numel(), x.shape, w.intermediate, cfg["SPLIT_K"]
+    tiles = triton.cdiv(I, cfg["BLOCK_N"])
+    part = _buffer((P, split, 2, I), torch.float32, x.device) if split > 1 else h
+    cnt = _counters(w, P * tiles, idx.shape[1], x.device) if split > 1 else idx
+    _mlp1_gemv_split_kernel[(P, tiles, split)](
+        _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
+        *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
+        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"])
+
+
+def launch_mlp2_gemv_split(h, idx, ew, w: MoEWeights, y, out, cfg):
+    """y (P, D) fp32 weighted rows, or with cfg FUSE_SUM the output (T, D) itself (y unused, may be None)."""
+    _check_split(cfg)
+    P, D, I, split, fuse = idx.numel(), w.hidden, w.intermediate, cfg["SPLIT_K"], bool(cfg.get("FUSE_SUM", False))
+    tiles = triton.cdiv(D, cfg["BLOCK_N"])
+    direct = split == 1 and not fuse
+    part = h if direct else _buffer((P, split, D), torch.float32, h.device)
+    cnt = idx if direct else _counters(w, (idx.shape[0] if fuse else P) * tiles, idx.shape[1], h.device)
+    y = out if y is None else y
+    _mlp2_gemv_split_kernel[(P, tiles, split)](
+        _split_pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2,
+        w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
+        X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)),
+        num_warps=cfg["num_warps"])
 
 
 def check_dot_config(cfg: dict, interpret: bool = _INTERPRET) -> bool:
@@ -805,10 +1130,19 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
     if path not in ("gemv", "dot", "prefill"):
         raise ValueError(f"moe_mxfp4: unknown path {path!r}")
     h = _buffer((T * k, w.intermediate), x.dtype, x.device)  # SwiGLU(mlp1) per pair, in x's dtype
-    y = _buffer((T * k, D), torch.float32, x.device)  # weighted mlp2 rows per pair
+    fused = path == "gemv" and is_split_config(cfg["mlp2"]) and bool(cfg["mlp2"].get("FUSE_SUM", False))
+    y = None if fused else _buffer((T * k, D), torch.float32, x.device)  # weighted mlp2 rows per pair
     if path == "gemv":
-        launch_mlp1_gemv(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
-        launch_mlp2_gemv(h, idx, ew, w, y, cfg["mlp2"])
+        if is_split_config(cfg["mlp1"]):
+            launch_mlp1_gemv_split(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
+        else:
+            launch_mlp1_gemv(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
+        if is_split_config(cfg["mlp2"]):
+            launch_mlp2_gemv_split(h, idx, ew, w, y, out, cfg["mlp2"])
+            if fused:  # the token's last mlp2 program wrote out
+                return out
+        else:
+            launch_mlp2_gemv(h, idx, ew, w, y, cfg["mlp2"])
     else:
         order, tiles = moe_routing(idx, w.num_experts, cfg["BLOCK_T"])
         launch_mlp1_dot(x, order, tiles, k, w, h, cfg["BLOCK_T"], cfg["mlp1"], swiglu_alpha, swiglu_limit)

@@ -17,6 +17,29 @@ for part in $parts; do
       timeout ${T120:-150} $mx bench --shape gpt-oss-120b --backend triton --peer none \
         --scenario decode-b1,decode-batch,prefill,memory --context 1024,8192 --batch 64 --profile \
         --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench120b.txt" ;;
+    moe-sweep)  # the MoE GEMV variants at T=1/4 against the default (moe_kernels.py --sweep-t1)
+      timeout ${TSWEEP:-120} python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1 2>&1 | tail -40 ;;
+    moe-winner)  # select the sweep's winner in this copy (CONFIGS["gemv"], one line) and reinstall
+      python3 - "$OUT/moe_sweep.txt" <<'PY' && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+          --no-compile --upgrade --target /tmp/site . >/dev/null
+import re, sys
+line = next(l for l in open(sys.argv[1]) if l.startswith('    "gemv": dict('))
+p = "backends/triton_engine/moe.py"
+s = open(p).read()
+s, n = re.subn(r'^    "gemv": GEMV_BASE,.*$', line.rstrip("\n").replace("\\", "\\\\"), s, count=1, flags=re.M)
+assert n == 1, "CONFIGS['gemv'] line not found"
+open(p, "w").write(s)
+print("selected:", line.strip())
+PY
+      ;;
+    bench20-b1)
+      timeout ${T20:-200} $mx bench --shape gpt-oss-20b --backend triton --peer none \
+        --scenario decode-b1,decode-batch --context 1024 --batch 64 --profile \
+        --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench20b-b1.txt" ;;
+    mem120)  # gpt-oss-120b at 8k context: memory alone (no batch-64 cache, no 2k prefill activations)
+      timeout ${T120:-150} $mx bench --shape gpt-oss-120b --backend triton --peer none \
+        --scenario decode-b1,memory --context 8192 \
+        --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench120b-8k.txt" ;;
     conformance)
       timeout ${TCONF:-200} $mx conformance --backend triton --device cuda --certify \
         --report "$OUT/triton-cuda-h200" 2>&1 | tail -80 | tee "$OUT/conformance.txt" ;;

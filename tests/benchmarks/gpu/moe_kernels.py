@@ -19,6 +19,14 @@ On the lent GPU machine, from the repository root:
 
 Full table to $OUT/moe.txt (+ moe.json); a short table printed last.
 ``--dry-run``: the script's code paths on a CPU under TRITON_INTERPRET=1 at tiny shapes (no timing value).
+
+``--sweep-t1`` (< 60 s with compilation): only the split gemv kernels (``SPLIT_K`` configs, moe.py) against the
+default gemv config: every variant checked against ``moe_mxfp4_ref`` at T = 1 and 4 with E = 32 and 128, then
+timed per kernel at T = 1 (E = 32), the best pair as a whole op at T = 1 (E = 32, 128), 4 and 8 next to the
+default, a CUDA-graph replay of it against eager; a short table to stdout and $OUT/moe_sweep.txt, ending with
+the ``CONFIGS["gemv"]`` line that selects the winner:
+
+    source tests/benchmarks/gpu/setup.sh && python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1
 """
 
 from __future__ import annotations
@@ -47,7 +55,9 @@ K_SLOTS = 4
 ALPHA, LIMIT = 1.702, 7.0
 OUT = os.environ.get("OUT") or "/tmp/moe_out"
 os.makedirs(OUT, exist_ok=True)
-LOG = open(os.path.join(OUT, "profile_child.txt" if "--profile-child" in sys.argv else "moe.txt"), "w")
+SWEEP = "--sweep-t1" in sys.argv
+LOG = open(os.path.join(OUT, "profile_child.txt" if "--profile-child" in sys.argv
+                        else "moe_sweep_log.txt" if SWEEP else "moe.txt"), "w")
 RESULTS: dict = {"checks": {}, "timings": {}, "errors": [], "best": {}}
 SUMMARY: list[str] = []
 
@@ -452,6 +462,148 @@ def dot_case(case: str, T: int, E: int, path: str, cfgs, block_ts):
     return w, x, idx
 
 
+# ---- --sweep-t1: the split gemv kernels against the default ----------------------------------------------------------
+
+# mlp1 / mlp2: (BLOCK_N, BLOCK_B, num_warps, PREFETCH, SPLIT_K[, FUSE_SUM]). K = 2880 is 90 blocks: e.g. BB 8 with
+# SPLIT_K 4 gives 3 steps of 8 blocks per program, all of them loaded before the first FMA with PREFETCH 2.
+# Most promising first (variants past the time budget are skipped; mlp1 and mlp2 alternate).
+SPLIT1 = [(32, 8, 4, 2, 4), (16, 8, 4, 2, 2), (32, 4, 4, 2, 4), (8, 16, 4, 2, 1), (16, 8, 4, 1, 4), (32, 8, 4, 1, 3),
+          (16, 16, 4, 2, 2), (64, 8, 4, 1, 6), (32, 8, 8, 1, 2)]
+SPLIT2 = [(16, 8, 4, 1, 2, True), (32, 8, 4, 2, 4, True), (8, 16, 4, 0, 1, True), (32, 4, 4, 2, 4, True),
+          (16, 16, 4, 2, 2, True), (16, 8, 4, 0, 4, True), (32, 8, 4, 2, 4, False)]
+if DRY:
+    SPLIT1, SPLIT2 = SPLIT1[:2], SPLIT2[:2] + SPLIT2[-1:]
+SPLIT_KEYS = ("BLOCK_N", "BLOCK_B", "num_warps", "PREFETCH", "SPLIT_K", "FUSE_SUM")
+SWEEP_BUDGET_S = 1e9 if DRY else 40  # since START: new variants are skipped past this (all within 60 s)
+
+
+def _cfg_name(cfg: dict) -> str:
+    if "SPLIT_K" not in cfg:
+        return "base BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH}".format(**cfg)
+    return ("split BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH} s{SPLIT_K}".format(**cfg)
+            + (" +sum" if cfg.get("FUSE_SUM") else ""))
+
+
+def sweep_t1():
+    environment()
+    default = moe.CONFIGS["gemv"]
+    g = torch.Generator(device=DEV).manual_seed(11)
+    cases = {}
+    for T, E in ((1, 32), (4, 32), (1, 128), (4, 128), (8, 32)):
+        x = torch.randn(T, D, device=DEV, generator=g).to(torch.bfloat16)
+        ew, idx = routing(T, E, g)
+        ref = moe.moe_mxfp4_ref(x, ew, idx, layer(E), ALPHA, LIMIT).float()
+        cases[(T, E)] = (x, ew, idx, ref)
+
+    def check(cfg, keys=((1, 32), (4, 32), (1, 128), (4, 128))):
+        """Worst (norm rel, max rel) error against moe_mxfp4_ref over the cases; ok if finite and small."""
+        worst = (0.0, 0.0)
+        for key in keys:
+            x, ew, idx, ref = cases[key]
+            out = torch.full(x.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+            moe.moe_mxfp4(x, ew, idx, layer(key[1]), ALPHA, LIMIT, path="gemv", config=cfg, out=out)
+            err = out.float() - ref
+            if not bool(out.isfinite().all()):
+                return False, (float("inf"), float("inf"))
+            worst = max(worst[0], (err.norm() / ref.norm()).item()), max(worst[1], (err.abs().max() / ref.abs().max()).item())
+        # The default gemv gave 2.8e-4 / 3.6e-3 at T = 4 (run 2); one lost block of 90 would be ~1e-1.
+        return worst[0] < 2e-3 and worst[1] < 2e-2, worst
+
+    x, ew, idx, _ = cases[(1, 32)]
+    w = layer(32)
+    b1, b2 = routed_bytes(w, idx)
+    h = torch.empty(K_SLOTS, I, dtype=torch.bfloat16, device=DEV)
+    y = torch.empty(K_SLOTS, D, dtype=torch.float32, device=DEV)
+    out = torch.empty(1, D, dtype=torch.bfloat16, device=DEV)
+    moe.launch_mlp1_gemv(x, idx, w, h, default["mlp1"], ALPHA, LIMIT)  # a valid h for the mlp2 timings
+    rows = {"mlp1": [], "mlp2": []}
+    best = {}
+
+    def row(layer_name, cfg, fn, nbytes):
+        if time.time() - START > SWEEP_BUDGET_S:
+            rows[layer_name].append(f"{layer_name:5} {_cfg_name(cfg):34} skipped (time budget)")
+            return
+        full = dict(mlp1=cfg, mlp2=default["mlp2"]) if layer_name == "mlp1" else dict(mlp1=default["mlp1"], mlp2=cfg)
+        res = guarded(f"sweep check {layer_name} {cfg}", check, full)
+        ok, (rel, mx) = res if res else (False, (float("nan"), float("nan")))
+        us = guarded(f"sweep time {layer_name} {cfg}", bench_us, fn) if ok or cfg is default[layer_name] else None
+        t = f"{us:11.2f} {nbytes / us / 1e6:6.3f}" if us else f"{'-':>11} {'-':>6}"
+        rows[layer_name].append(f"{layer_name:5} {_cfg_name(cfg):34} {t}  {'ok' if ok else 'FAIL'} {rel:.1e} / {mx:.1e}")
+        log(rows[layer_name][-1])
+        if ok and us and us < best.get(layer_name, (1e9,))[0]:
+            best[layer_name] = (us, cfg)
+
+    def base2():  # the default mlp2 and its k-sum kernel, against the fused variants
+        moe.launch_mlp2_gemv(h, idx, ew, w, y, default["mlp2"])
+        moe.launch_sum_slots(y, out, K_SLOTS)
+
+    def split2(cfg):
+        fused = cfg.get("FUSE_SUM", False)
+        moe.launch_mlp2_gemv_split(h, idx, ew, w, None if fused else y, out, cfg)
+        if not fused:
+            moe.launch_sum_slots(y, out, K_SLOTS)
+
+    row("mlp1", default["mlp1"], lambda: moe.launch_mlp1_gemv(x, idx, w, h, default["mlp1"], ALPHA, LIMIT), b1)
+    row("mlp2", default["mlp2"], base2, b2)
+    for i in range(max(len(SPLIT1), len(SPLIT2))):
+        if i < len(SPLIT1):
+            c1 = dict(zip(SPLIT_KEYS, SPLIT1[i]))
+            row("mlp1", c1, lambda: moe.launch_mlp1_gemv_split(x, idx, w, h, c1, ALPHA, LIMIT), b1)
+        if i < len(SPLIT2):
+            c2 = dict(zip(SPLIT_KEYS, SPLIT2[i]))
+            row("mlp2", c2, lambda: split2(c2), b2)
+    table = [f"{'layer':5} {'variant':34} {'T=1 E=32 us':>11} {'TB/s':>6}  check vs moe_mxfp4_ref (T=1,4 x E=32,128)"]
+    table += rows["mlp1"] + ["(mlp2 rows: mlp2 + the k-sum kernel, or mlp2 alone where it fuses the sum: +sum)"]
+    table += rows["mlp2"]
+
+    win = dict(mlp1=best.get("mlp1", (0, default["mlp1"]))[1], mlp2=best.get("mlp2", (0, default["mlp2"]))[1])
+    ok8, err8 = guarded("sweep check T=8", check, win, ((8, 32),)) or (False, (float("nan"),) * 2)
+    table.append(f"whole op (default / best pair) in us; best pair also checked at T=8: {'ok' if ok8 else 'FAIL'} "
+                 f"{err8[0]:.1e} / {err8[1]:.1e}")
+    slower = []
+    for T, E in ((1, 32), (1, 128), (4, 32), (8, 32)):
+        xc, ewc, idxc, _ = cases[(T, E)]
+        o = torch.empty(T, D, dtype=torch.bfloat16, device=DEV)
+        us = [guarded(f"sweep op {T} {E}", bench_us,
+                      lambda cfg=cfg: moe.moe_mxfp4(xc, ewc, idxc, layer(E), ALPHA, LIMIT, path="gemv", config=cfg,
+                                                    out=o)) for cfg in (default, win)]
+        nb = sum(routed_bytes(layer(E), idxc))
+        txt = " / ".join(f"{u:7.2f} ({nb / u / 1e6:.2f} TB/s)" if u else "-" for u in us)
+        table.append(f"op    T={T} E={E:<3} {txt}")
+        log(table[-1])
+        if us[0] and us[1] and us[1] > us[0]:
+            slower.append(f"T={T} E={E}")
+    if not DRY:  # the winner captured in a CUDA graph and replayed with new inputs, against eager
+        xc, ewc, idxc, _ = cases[(1, 32)]
+        xg, ewg, idxg = xc.clone(), ewc.clone(), idxc.clone()
+        o = torch.empty(1, D, dtype=torch.bfloat16, device=DEV)
+        moe.moe_mxfp4(xg, ewg, idxg, w, ALPHA, LIMIT, path="gemv", config=win, out=o)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            moe.moe_mxfp4(xg, ewg, idxg, w, ALPHA, LIMIT, path="gemv", config=win, out=o)
+        x2 = torch.randn(1, D, device=DEV, generator=g).to(torch.bfloat16)
+        ew2, idx2 = routing(1, 32, g)
+        xg.copy_(x2), ewg.copy_(ew2), idxg.copy_(idx2)
+        graph.replay()
+        graph.replay()  # twice: the counters must be back at 0 after each replay
+        same = bool(torch.equal(o, moe.moe_mxfp4(x2, ew2, idx2, w, ALPHA, LIMIT, path="gemv", config=win)))
+        table.append(f"graph replay of the best pair (T=1) == eager: {same}")
+    if win == default:
+        table.append("fastest correct: the default (GEMV_BASE); no change to CONFIGS")
+    else:
+        table.append(f"fastest correct: mlp1 {_cfg_name(win['mlp1'])}, mlp2 {_cfg_name(win['mlp2'])}"
+                     + (f" (slower than the default at {', '.join(slower)})" if slower else ""))
+    table.append("to select it, replace the line '\"gemv\": GEMV_BASE,' of CONFIGS in backends/triton_engine/moe.py with:")
+    table.append(f'    "gemv": dict(mlp1=dict({", ".join(f"{k}={v}" for k, v in win["mlp1"].items())}), '
+                 f'mlp2=dict({", ".join(f"{k}={v}" for k, v in win["mlp2"].items())})),')
+    table.append(f"total {time.time() - START:.0f} s since imports (torch {torch.__version__}, triton {triton.__version__})")
+    if RESULTS["errors"]:
+        table += ["errors:"] + ["  " + e.splitlines()[0][:300] for e in RESULTS["errors"][:5]]
+    text = "\n".join(table)
+    print("\n==== sweep ====\n" + text, flush=True)
+    open(os.path.join(OUT, "moe_sweep.txt"), "w").write(text + "\n")
+
+
 def main():
     environment()
     guarded("small tests", run_small_tests)
@@ -495,5 +647,7 @@ def main():
 if __name__ == "__main__":
     if "--profile-child" in sys.argv:
         profile_child()
+    elif SWEEP:
+        sweep_t1()
     else:
         main()
