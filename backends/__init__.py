@@ -7,6 +7,7 @@ The plugin system registers this module itself; ``pyproject.toml`` also declares
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 from mxmoe.core.backend import Backend
@@ -20,18 +21,12 @@ def mxmoe_register_backends() -> list[type[Backend]]:
     from .reference import TorchBackend
 
     backends: list[type[Backend]] = [TorchBackend]
-    # Imported here, not at module level: the triton engine's package imports without triton (its
-    # kernel modules load on first use), and any failure only drops that engine, never the reference.
-    try:
-        from .triton_engine import TritonBackend
-    except Exception as e:  # noqa: BLE001
-        log.warning("mxmoe built-in engine 'triton' not registered: %s: %s", type(e).__name__, e)
-    else:
-        backends.append(TritonBackend)
-    try:
-        from .megablocks import MegaBlocksBackend
-    except Exception as e:  # noqa: BLE001
-        log.warning("mxmoe built-in engine 'megablocks' not registered: %s: %s", type(e).__name__, e)
-    else:
-        backends.append(MegaBlocksBackend)
+    # Imported here, not at module level: the GPU engines' packages import without triton (their kernel
+    # modules load on first use), and any failure only drops that engine, never the reference.
+    for name, module, cls in (("triton", "triton_engine", "TritonBackend"), ("megablocks", "megablocks",
+                                                                            "MegaBlocksBackend")):
+        try:
+            backends.append(getattr(importlib.import_module(f"{__name__}.{module}"), cls))
+        except Exception as e:  # noqa: BLE001
+            log.warning("mxmoe built-in engine %r not registered: %s: %s", name, type(e).__name__, e)
     return backends
