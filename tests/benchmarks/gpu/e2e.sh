@@ -33,8 +33,9 @@ print("selected:", line.strip())
 PY
       ;;
     bench20-b1)
-      timeout ${T20:-200} $mx bench --shape gpt-oss-20b --backend triton --peer none \
-        --scenario decode-b1,decode-batch --context 1024 --batch 64 --profile \
+      timeout ${T20:-200} $mx bench --shape gpt-oss-20b --backend triton \
+        --backend triton,router=megablocks,experts=megablocks --peer none \
+        --scenario decode-b1,decode-batch,prefill,memory --context 1024 --batch 64 --profile \
         --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench20b-b1.txt" ;;
     mem120)  # gpt-oss-120b at 8k context: memory alone (no batch-64 cache, no 2k prefill activations)
       timeout ${T120:-150} $mx bench --shape gpt-oss-120b --backend triton --peer none \
