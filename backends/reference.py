@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from mxmoe.core.backend import Backend, Capabilities, Linear, NotSupported, Probe
+from mxmoe.core.backend import Backend, Capabilities, Experts, Linear, Probe
 from mxmoe.core.batch import Batch
 from mxmoe.core.weights import ExpertLinear
 
@@ -50,19 +50,18 @@ class TorchBackend(Backend):
         return expert_mlp(*args)
 
     # ---- weights -----------------------------------------------------------------------------------
+    # (The claims above are enforced by the base class before every op and prepare_*: see Backend.)
     def prepare_linear(self, weight, bias, dtype, device):
-        self.check(device=device, dtype=dtype)
         return Linear(weight.to(device=device, dtype=dtype),
                       None if bias is None else bias.to(device=device, dtype=dtype))
 
     def prepare_experts(self, mlp1: ExpertLinear, mlp2: ExpertLinear, dtype, device):
-        self.check(device=device, dtype=dtype)
         # Packed bytes (or dense weights) move to the device as they are; dequantization happens per use.
         def move(e: ExpertLinear) -> ExpertLinear:
             to = (lambda t: None if t is None else t.to(device))
             return ExpertLinear(bias=e.bias.to(device=device, dtype=dtype), blocks=to(e.blocks),
                                 scales=to(e.scales), weight=to(e.weight))
-        return _Experts(move(mlp1), move(mlp2), dtype)
+        return Experts(move(mlp1), move(mlp2), dtype)
 
     # ---- ops ---------------------------------------------------------------------------------------
     def embedding(self, token_ids, weight):
@@ -106,13 +105,13 @@ class TorchBackend(Backend):
 
     def router(self, x, gate: Linear, top_k):
         logits = self.linear(x, gate)  # (T, E)
-        # torch.topk on CPU and CUDA breaks ties toward the lower index with sorted=True; stable sort makes
-        # that explicit.
+        # Ties go to the lower expert index: a stable sort guarantees it (torch.topk does not; on the CPU with
+        # torch 2.13 it breaks ties either way).
         values, indices = torch.sort(logits, dim=-1, descending=True, stable=True)
         values, indices = values[:, :top_k], indices[:, :top_k]
         return torch.softmax(values, dim=-1), indices
 
-    def experts(self, x, expert_weights, expert_indices, experts: "_Experts", swiglu_alpha, swiglu_limit):
+    def experts(self, x, expert_weights, expert_indices, experts: Experts, swiglu_alpha, swiglu_limit):
         T, D = x.shape
         out = torch.zeros(T, D, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         xc = x.to(experts.dtype)
@@ -127,11 +126,7 @@ class TorchBackend(Backend):
         return out.to(x.dtype)
 
 
-class _Experts:
-    def __init__(self, mlp1: ExpertLinear, mlp2: ExpertLinear, dtype: torch.dtype):
-        if mlp1.num_experts != mlp2.num_experts:
-            raise NotSupported("torch", f"mlp1 with {mlp1.num_experts} experts and mlp2 with {mlp2.num_experts}")
-        self.mlp1, self.mlp2, self.dtype = mlp1, mlp2, dtype
+_Experts = Experts  # the old private name of mxmoe.core.backend.Experts
 
 
 # ---- the math of one sequence / one expert (also compiled by the ``compile`` plugin) ------------------

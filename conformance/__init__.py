@@ -6,10 +6,13 @@
 
 Levels: L0 interface, L1 ops, L2 blocks, L3 model (small random checkpoints), L4 real weights
 (optional). The oracle is the reference engine in float64 on the CPU; bounds are derived in
-:mod:`mxmoe.conformance.tolerances`. Command line: ``mxmoe conformance --backend NAME``.
+:mod:`mxmoe.conformance.tolerances`. Every case draws inside the engine's claims, and each claim's
+other side is checked with an input outside it. Cases at gpt-oss's real sizes (``real_shape``) always
+run on a GPU; ``shapes="small"`` leaves them out elsewhere (NOT_RUN: no certificate). Command line:
+``mxmoe conformance --backend NAME``.
 """
 
-SUITE_VERSION = "1.0.0"
+SUITE_VERSION = "1.1.0"  # 1.1: cases inside the claims and refusals outside, real shapes, NOT_RUN
 
 from .case import Case, Status  # noqa: E402
 from .runner import DEFAULT_LEVELS, LEVELS, load_waivers, run_suite  # noqa: E402

@@ -5,6 +5,14 @@ A case names the op under test, the capabilities it needs (``requires``: claim t
 :func:`unclaimed`), a hypothesis strategy over its shapes and values, explicit examples (the
 boundaries that must always run) and a ``run(ctx, draw) -> Outcome`` that calls the engine and the
 oracle on the same inputs and compares them with a derived bound.
+
+Cases are built per engine (:class:`Limits`): every draw lies inside the engine's claims (head dims,
+context, expert count, top-k, expert format), and each bounded claim's other side gets its own case
+whose input lies just outside it (the engine must raise ``NotSupported``). Cases at gpt-oss's real
+sizes are marked ``real_shape``: one layer of gpt-oss-20b/120b, the 201088-token vocabulary, 64-sequence
+decode batches at 64/8 heads, contexts past 32k, and the experts at D = I = 2880 or with reductions of
+4096+ (a GPU runs them in seconds, the float64 oracle on a CPU in about a minute per dtype; an engine run
+by the Triton interpreter would take hours, hence ``shapes="small"``).
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ class Status(str, Enum):
     NOT_SUPPORTED = "NOT_SUPPORTED"  # not claimed, and the engine correctly raised NotSupported
     WAIVED = "WAIVED"  # failed (or errored), but the vendor's waiver file gives a reason
     ERROR = "ERROR"  # the engine crashed
+    NOT_RUN = "NOT_RUN"  # not run, and the message says why (never a pass: the run is then no certificate)
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Sizes and example counts. ``quick`` for pytest, ``full`` for certification runs."""
+    """Sizes and example counts. ``quick`` for pytest, ``full`` for certification runs, ``smoke`` the quick
+    sizes with the explicit examples only."""
 
     name: str
     examples: int  # hypothesis examples per case (besides the explicit ones)
@@ -44,7 +54,68 @@ QUICK = Profile("quick", examples=3, long_context=300, big_k=4096, model_tokens=
                 long_decode=(4100,))
 FULL = Profile("full", examples=12, long_context=1024, big_k=8192, model_tokens=48, generate_tokens=24,
                long_decode=(4100, 8192, 32768))
-PROFILES = {"quick": QUICK, "full": FULL}
+# The quick sizes, explicit examples only (no hypothesis draws): for engines that are slow to run here (an
+# interpreter), as a smoke test of every case.
+SMOKE = Profile("smoke", examples=0, long_context=300, big_k=4096, model_tokens=24, generate_tokens=8,
+                long_decode=(4100,))
+PROFILES = {"quick": QUICK, "full": FULL, "smoke": SMOKE}
+
+# What the suite draws at most when a claim is unbounded: gpt-oss's own limits.
+MODEL_MAX_CONTEXT = 131072  # initial_context_length 4096 × rope_scaling_factor 32
+SUITE_MAX_EXPERTS = 128  # gpt-oss-120b
+SUITE_MAX_TOP_K = 4  # experts_per_token of both models
+# Claims that are properties, not calls: unclaimed means "not checked" (NOT_SUPPORTED without a refusal).
+PROPERTY_TOKENS = ("determinism", "determinism:bitwise", "cuda_graphs", "mxfp4:native")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the grid may draw for one engine: inside its claims, capped at gpt-oss's sizes, and the first
+    values just outside each bounded claim (None when the claim is unbounded)."""
+
+    head_dims: tuple[int, ...]  # head dims of the op cases (each claimed one; 64 when any is claimed)
+    model_head_dim: int  # head dim of the block and model configs
+    max_context: int
+    max_experts: int
+    max_top_k: int
+    expert_format: str  # "mxfp4" or "dense": how block and model cases store their experts
+    sliding_window: bool
+    outside_head_dim: int | None
+    outside_context: int | None
+    outside_experts: int | None
+    outside_top_k: int | None
+
+    @classmethod
+    def of(cls, caps: Capabilities) -> "Limits":
+        claimed = tuple(sorted(set(caps.head_dims))) if caps.head_dims else None
+        outside_d = None if claimed is None else next(d for d in (16, 32, 64, 128, 256, 2 * max(claimed))
+                                                      if d not in claimed)
+
+        def cap(v: int | None, most: int) -> int:
+            return most if v is None else max(1, min(v, most))
+
+        return cls(head_dims=claimed or (64,), model_head_dim=min(claimed) if claimed else 16,
+                   max_context=cap(caps.max_context, MODEL_MAX_CONTEXT),
+                   max_experts=cap(caps.max_experts, SUITE_MAX_EXPERTS),
+                   max_top_k=min(cap(caps.max_experts_per_token, SUITE_MAX_TOP_K), cap(caps.max_experts, 10 ** 6)),
+                   expert_format="mxfp4" if caps.mxfp4 != "none" or not caps.dense_experts else "dense",
+                   sliding_window=caps.sliding_window, outside_head_dim=outside_d,
+                   outside_context=None if caps.max_context is None else caps.max_context + 1,
+                   outside_experts=None if caps.max_experts is None else caps.max_experts + 1,
+                   outside_top_k=None if caps.max_experts_per_token is None else caps.max_experts_per_token + 1)
+
+    def experts(self, *values: int) -> list[int]:
+        """The expert counts among ``values`` inside the claim (the claim's maximum when none is)."""
+        inside = [v for v in values if v <= self.max_experts]
+        return inside or [self.max_experts]
+
+    def top_k(self, *values: int) -> list[int]:
+        inside = [v for v in values if v <= self.max_top_k]
+        return inside or [self.max_top_k]
+
+    def contexts(self, *values: int) -> list[int]:
+        return sorted({v for v in values if v <= self.max_context})
+
 
 
 @dataclass
@@ -70,6 +141,10 @@ class CaseFailure(Exception):
     def __init__(self, outcome: Outcome, draw: dict):
         super().__init__(describe(outcome))
         self.outcome, self.draw = outcome, draw
+
+
+class NotRun(Exception):
+    """Raised by a case that cannot run here (a CUDA-graph case on a CPU): status NOT_RUN, with the reason."""
 
 
 class EngineRefused(Exception):
@@ -152,6 +227,7 @@ class Case:
     description: str = ""
     exact: bool = False  # bit-exact comparison (bound 0)
     max_examples: int | None = None  # cap on hypothesis draws (expensive cases)
+    real_shape: bool = False  # at gpt-oss's real sizes (excluded by ``shapes="small"``, then NOT_RUN)
 
     @property
     def id(self) -> str:
@@ -163,7 +239,9 @@ def unclaimed(caps: Capabilities, token: str) -> str | None:
     """None when ``caps`` claims ``token``; otherwise a phrase naming what is not claimed.
 
     Tokens: ``op:NAME``, ``dtype:NAME``, ``device:TYPE``, ``sinks``, ``sliding_window``, ``mxfp4``,
-    ``dense_experts``, ``head_dim:N``, ``experts:N``, ``experts_per_token:N``, ``context:N``.
+    ``dense_experts``, ``head_dim:N``, ``experts:N``, ``experts_per_token:N``, ``context:N``, and the
+    properties (:data:`PROPERTY_TOKENS`) ``determinism``, ``determinism:bitwise``, ``cuda_graphs``,
+    ``mxfp4:native``.
     """
     kind, _, arg = token.partition(":")
     if kind == "op":
@@ -176,6 +254,8 @@ def unclaimed(caps: Capabilities, token: str) -> str | None:
         return None if caps.attention_sinks else "attention sinks"
     if kind == "sliding_window":
         return None if caps.sliding_window else "sliding-window attention"
+    if kind == "mxfp4" and arg == "native":
+        return None if caps.mxfp4 == "native" else f"MXFP4 experts kept 4-bit (claims mxfp4={caps.mxfp4!r})"
     if kind == "mxfp4":
         return None if caps.mxfp4 != "none" else "MXFP4 experts"
     if kind == "dense_experts":
@@ -187,15 +267,21 @@ def unclaimed(caps: Capabilities, token: str) -> str | None:
     if kind == "experts_per_token":
         return None if caps.max_experts_per_token is None or int(arg) <= caps.max_experts_per_token \
             else f"{arg} experts per token"
+    if kind == "determinism" and arg == "bitwise":
+        return None if caps.determinism == "bitwise" else f"bitwise determinism (claims {caps.determinism!r})"
     if kind == "determinism":  # a property, not a call: unclaimed means "not checked"
         return None if caps.determinism != "none" else "determinism"
+    if kind == "cuda_graphs":
+        return None if caps.cuda_graphs else "CUDA-graph capture"
     if kind == "context":
         return None if caps.max_context is None or int(arg) <= caps.max_context else f"context of {arg} tokens"
     raise ValueError(f"unknown claim token {token!r}")
 
 
 def claim_tokens(caps: Capabilities) -> list[str]:
-    """Every token the manifest claims that a case can exercise (for L0's coverage check)."""
+    """Every token the manifest claims that a case can exercise (for L0's coverage check): features, head
+    dims, each bounded claim at its (capped) maximum, and the claimed properties."""
+    lim = Limits.of(caps)
     toks = [f"op:{o}" for o in caps.ops] + [f"dtype:{d}" for d in caps.dtypes]
     if caps.attention_sinks:
         toks.append("sinks")
@@ -203,8 +289,22 @@ def claim_tokens(caps: Capabilities) -> list[str]:
         toks.append("sliding_window")
     if caps.mxfp4 != "none":
         toks.append("mxfp4")
+    if caps.mxfp4 == "native":
+        toks.append("mxfp4:native")
     if caps.dense_experts:
         toks.append("dense_experts")
     for h in caps.head_dims or ():
         toks.append(f"head_dim:{h}")
+    if caps.max_experts is not None:
+        toks.append(f"experts:{lim.max_experts}")
+    if caps.max_experts_per_token is not None:
+        toks.append(f"experts_per_token:{lim.max_top_k}")
+    if caps.max_context is not None:
+        toks.append(f"context:{lim.max_context}")
+    if caps.cuda_graphs:
+        toks.append("cuda_graphs")
+    if caps.determinism != "none":
+        toks.append("determinism")
+    if caps.determinism == "bitwise":
+        toks.append("determinism:bitwise")
     return toks

@@ -7,11 +7,15 @@ the oracle gets those same values upcast exactly.
 
 from __future__ import annotations
 
+import functools
+import math
+from dataclasses import dataclass, field
+
 import torch
 from hypothesis import strategies as st
 
 from mxmoe.core import mxfp4
-from mxmoe.core.weights import ExpertLinear
+from mxmoe.core.weights import AttentionWeights, ExpertLinear, MLPWeights
 
 F64 = torch.float64
 SEEDS = st.integers(min_value=0, max_value=2 ** 31 - 1)
@@ -96,3 +100,83 @@ def random_model(config, seed: int, logit_scale: float = 2.0, expert_bias_scale:
         blocks.append(BlockWeights(attn, mlp))
     return ModelWeights(embedding=canonical(randn(g, c.vocab_size, D)), blocks=blocks, norm_scale=norm(),
                         unembedding=canonical(randn(g, c.vocab_size, D, scale=logit_scale * D ** -0.5)))
+
+
+# ---- real-sized weights (gpt-oss's own dimensions), made cheaply -------------------------------------------
+#
+# Gaussians quantized to MXFP4 cost seconds per expert at gpt-oss's sizes (128 experts × 25M values for
+# 120b); the real-shape cases draw the packed bytes directly instead: uniform E2M1 codes (RMS 2.93) and
+# per-block scales around the power of two that gives the wanted RMS. Dense weights of the true vocabulary
+# (580M values) come from int8 integers times a power of two, exact in bfloat16.
+
+E2M1_RMS = math.sqrt(sum(v * v for v in mxfp4.E2M1_VALUES) / 16)  # of uniformly drawn codes
+
+
+def random_experts_packed(g: torch.Generator, E: int, N: int, K: int, scale: float,
+                          bias_scale: float = 0.1) -> ExpertLinear:
+    """MXFP4 experts (E, N, K) drawn as bytes: values of RMS about ``scale``, scales within ±1 of it."""
+    base = mxfp4.SCALE_BIAS + round(math.log2(scale / E2M1_RMS))
+    blocks = torch.randint(256, (E, N, K // 32, 16), generator=g, dtype=torch.uint8)
+    scales = (torch.randint(-1, 2, (E, N, K // 32), generator=g, dtype=torch.int16) + base).to(torch.uint8)
+    return ExpertLinear(bias=canonical(randn(g, E, N, scale=bias_scale)), blocks=blocks, scales=scales)
+
+
+def random_dense_exact(g: torch.Generator, N: int, K: int, scale: float) -> torch.Tensor:
+    """(N, K) bfloat16 with RMS about ``scale``: int8 integers times a power of two (exact in bf16)."""
+    step = 2.0 ** round(math.log2(scale / 73.9))  # 73.9: RMS of a uniform int8
+    return torch.randint(-128, 128, (N, K), generator=g, dtype=torch.int8).to(torch.bfloat16).mul_(step)
+
+
+@functools.lru_cache(maxsize=1)
+def real_attention_weights(config, seed: int) -> AttentionWeights:
+    """One layer's attention weights at ``config``'s sizes (cached: every dtype of a run reuses them)."""
+    g = generator(seed)
+    D, Q, KV = config.hidden_size, config.q_dim, config.kv_dim
+    return AttentionWeights(norm_scale=canonical(1.0 + randn(g, D, scale=0.1)),
+                            qkv_weight=canonical(randn(g, Q + 2 * KV, D, scale=D ** -0.5)),
+                            qkv_bias=canonical(randn(g, Q + 2 * KV, scale=0.1)),
+                            sinks=canonical(randn(g, config.num_attention_heads)),
+                            out_weight=canonical(randn(g, D, Q, scale=Q ** -0.5)),
+                            out_bias=canonical(randn(g, D, scale=0.1)))
+
+
+@functools.lru_cache(maxsize=2)  # gpt-oss-20b's and 120b's
+def real_mlp_weights(config, seed: int, favoured: int = 0) -> MLPWeights:
+    """One layer's router and MXFP4 experts at ``config``'s sizes (cached). ``favoured`` > 0: the router's
+    biases favour that many experts spread over the whole index range (first and last included), so a
+    prompt of hundreds of tokens reaches expert indices up to E-1 while the float64 oracle dequantizes
+    only those experts."""
+    g = generator(seed)
+    E, D, I = config.num_experts, config.hidden_size, config.intermediate_size
+    gate_bias = randn(g, E, scale=0.1)
+    if favoured:
+        chosen = torch.linspace(0, E - 1, favoured).round().long()
+        gate_bias[chosen] += 8.0
+    return MLPWeights(norm_scale=canonical(1.0 + randn(g, D, scale=0.1)),
+                      gate_weight=canonical(randn(g, E, D, scale=D ** -0.5)), gate_bias=canonical(gate_bias),
+                      mlp1=random_experts_packed(g, E, 2 * I, D, 2 * D ** -0.5),
+                      mlp2=random_experts_packed(g, E, D, I, I ** -0.5))
+
+
+@dataclass
+class CachedExperts(ExpertLinear):
+    """An MXFP4 :class:`ExpertLinear` that keeps each expert's dequantized weight (bfloat16, exact) once made,
+    so the oracle and the simulated engines of one case dequantize each expert once, not once per run.
+    Only for scales below 253, where bfloat16 holds every value (checked)."""
+
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.is_mxfp4 or int(self.scales.max()) >= 253:
+            raise ValueError("CachedExperts holds MXFP4 experts whose scales stay below 253")
+
+    @classmethod
+    def of(cls, e: ExpertLinear, dtype: torch.dtype = F64) -> "CachedExperts":
+        return cls(bias=e.bias.to(dtype), blocks=e.blocks, scales=e.scales)
+
+    def expert_weight(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        w = self._cache.get(e)
+        if w is None:
+            w = self._cache[e] = mxfp4.dequantize(self.blocks[e], self.scales[e], torch.bfloat16)
+        return w.to(dtype)

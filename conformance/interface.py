@@ -1,15 +1,18 @@
 """Level 0: the interface. Identity, API version, a valid capability manifest, a probe that answers,
-registration under the engine's name, every claim exercised by some case, and unclaimed dtypes
-refused with ``NotSupported``."""
+registration under the engine's name, every claim exercised by some case, and unclaimed dtypes and
+devices refused with ``NotSupported``. (The other side of every other claim — head dims, window,
+sinks, context, experts, top-k, expert formats, ops — is checked by the level-1..3 cases that need it.)"""
 
 from __future__ import annotations
 
 import math
 import re
 
-from mxmoe.core.backend import OPS, Backend, Capabilities, Probe
+import torch
 
-from .case import Case, Ctx, Outcome, Profile, claim_tokens
+from mxmoe.core.backend import OPS, Backend, Capabilities, NotSupported, Probe
+
+from .case import Case, Ctx, EngineCrash, Limits, Outcome, Profile, claim_tokens
 
 KNOWN_DTYPES = ("float64", "float32", "bfloat16", "float16")
 KNOWN_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "npu", "meta")
@@ -69,6 +72,8 @@ def cases(engine: Backend, dtypes, profile: Profile, check_registration: bool) -
             problems.append("claims no dtypes")
         if "experts" in caps.ops and caps.mxfp4 == "none" and not caps.dense_experts:
             problems.append("claims the experts op but neither MXFP4 nor dense experts")
+        if caps.cuda_graphs and "cuda" not in caps.devices:
+            problems.append("claims cuda_graphs but not the cuda device")
         return _bad("; ".join(problems)) if problems else _ok(", ".join(caps.ops))
 
     def probe(ctx: Ctx, _):
@@ -112,22 +117,60 @@ def cases(engine: Backend, dtypes, profile: Profile, check_registration: bool) -
             return _bad("claims that no case exercises: " + ", ".join(missing))
         return _ok(f"{len(claim_tokens(caps))} claims, {len(grid)} cases")
 
+    def unclaimed_device(ctx: Ctx, _):
+        # Tensors on the "meta" device (no engine claims it; it exists everywhere) must be refused by every
+        # claimed op that takes tensors or a device from the caller.
+        caps = ctx.engine.capabilities
+        dt = ctx.dtype
+        meta = torch.device("meta")
+        calls = []
+        if "embedding" in caps.ops:
+            calls.append(("embedding", lambda: ctx.engine.embedding(torch.zeros(2, dtype=torch.int64, device=meta),
+                                                                    torch.empty(8, 64, dtype=dt, device=meta))))
+        if "rms_norm" in caps.ops:
+            calls.append(("rms_norm", lambda: ctx.engine.rms_norm(torch.empty(2, 64, dtype=dt, device=meta),
+                                                                  torch.empty(64, device=meta), 1e-5)))
+        if "linear" in caps.ops or "router" in caps.ops:
+            calls.append(("prepare_linear", lambda: ctx.engine.prepare_linear(
+                torch.zeros(8, 64, dtype=torch.bfloat16), None, dt, meta)))
+        if "experts" in caps.ops:
+            from .inputs import generator, random_experts
+
+            g = generator(0)
+            dense = caps.mxfp4 == "none"
+            m1, m2 = random_experts(g, 2, 64, 32, 0.1, dense), random_experts(g, 2, 32, 32, 0.1, dense)
+            calls.append(("prepare_experts", lambda: ctx.engine.prepare_experts(m1, m2, dt, meta)))
+        for name, call in calls:
+            try:
+                call()
+            except NotSupported:
+                continue
+            except Exception as e:  # noqa: BLE001
+                raise EngineCrash(name, e) from e
+            return _bad(f"{name} on the unclaimed device 'meta' returned instead of raising NotSupported")
+        return _ok(", ".join(n for n, _ in calls) + " refuse device 'meta'")
+
     add("identity", identity, "name, version")
     add("api_version", api_version, "the API range includes this mxmoe's backend API")
     add("manifest", manifest, "capabilities are a valid, JSON-serialisable Capabilities")
     add("probe", probe, "probe() answers, and says available on the device under test")
     if check_registration:
         add("registration", registration, "discoverable by name through the plugin system")
-    add("claims_exercised", claims_exercised, "every claimed op/dtype/feature is exercised by some case")
+    add("claims_exercised", claims_exercised, "every claimed op/dtype/feature/bound is exercised by some case")
+    if "meta" not in engine.capabilities.devices:
+        add("refuses_unclaimed_device", unclaimed_device, "tensors on an unclaimed device ('meta') raise NotSupported")
 
     # Unclaimed dtypes: the first case of each op, in that dtype, must be refused.
     from . import ops
 
+    lim = Limits.of(engine.capabilities)
     for dt in KNOWN_DTYPES:
         if dt in engine.capabilities.dtypes:
             continue
         seen = set()
-        for c in ops.cases(dt, (64,), profile):
+        for c in ops.cases(dt, lim, profile):
+            if c.real_shape or not c.examples:
+                continue
             if c.op in seen or c.exact and c.op == "experts":
                 continue
             seen.add(c.op)

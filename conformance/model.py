@@ -10,7 +10,13 @@ the largest deviation seen over NOISY_DRAWS simulations. Checks, with their thre
   the exact agreement rate is reported;
 * incremental decode vs full forward, and a sequence alone vs inside a batch: each within B of the
   oracle's full forward (so within 2B of each other);
-* determinism: the same inputs twice give bitwise-equal logits, when the engine claims determinism.
+* determinism: the same inputs twice give bitwise-equal logits, when the engine claims determinism (and a
+  freshly prepared model gives them too, when it claims ``bitwise``);
+* CUDA graphs (claimed ``cuda_graphs``, on a CUDA device): decode steps captured once in a
+  ``torch.cuda.CUDAGraph`` through the model graph and replayed with new inputs give the eager steps'
+  logits (within B) and the oracle's (within B). Not run on other devices.
+
+The tiny config takes the engine's claims: its head dim, expert count, top-k and expert format.
 
 Level 4 (``--weights PATH``, real checkpoints with harmony prompts) is in real_weights.py.
 """
@@ -22,13 +28,16 @@ import math
 import torch
 from hypothesis import strategies as st
 
+import dataclasses
+
 from mxmoe.core.backend import OPS
 from mxmoe.core.batch import Batch
 from mxmoe.core.config import preset
 from mxmoe.core.model import GptOss
+from mxmoe.core.weights import ExpertLinear
 
 from . import tolerances as tol
-from .case import Case, Ctx, Outcome, Profile
+from .case import Case, Ctx, Limits, NotRun, Outcome, Profile
 from .inputs import F64, SEEDS, generator, random_model
 
 MODEL_REQUIRES = tuple(f"op:{o}" for o in OPS) + ("sinks", "sliding_window", "mxfp4")
@@ -39,14 +48,26 @@ def tiny_config(**overrides):
     return preset("tiny", vocab_size=overrides.pop("vocab_size", 512), **overrides)
 
 
-class _Models:
-    """Engine model, oracle model and noisy oracles over the same canonical weights."""
+def _dense(e: ExpertLinear) -> ExpertLinear:
+    return ExpertLinear(bias=e.bias, weight=e.dense(torch.bfloat16))  # exact: MXFP4 values fit bf16
 
-    def __init__(self, ctx: Ctx, seed: int, config=None, expert_bias_scale: float = 0.1):
+
+class _Models:
+    """Engine model, oracle model and noisy oracles over the same canonical weights. ``spec``: the tiny
+    config's head dim, expert count, top-k and expert format, from the engine's claims."""
+
+    def __init__(self, ctx: Ctx, seed: int, spec: dict | None = None, expert_bias_scale: float = 0.1,
+                 engine=None):
+        spec = dict(spec or {})
+        fmt = spec.pop("format", "mxfp4")
         self.ctx = ctx
-        self.config = config or tiny_config()
+        self.config = tiny_config(**spec)
         self.weights = random_model(self.config, seed, expert_bias_scale=expert_bias_scale)
-        engine_ops = {op: ctx.engine for op in OPS}
+        if fmt == "dense":
+            for b in self.weights.blocks:
+                b.mlp.mlp1, b.mlp.mlp2 = _dense(b.mlp.mlp1), _dense(b.mlp.mlp2)
+        engine = engine or ctx.engine
+        engine_ops = {op: engine for op in OPS}
         self.engine = ctx.call("model", GptOss, self.config, self.weights, engine_ops, dtype=ctx.dtype,
                                device=ctx.device)
         self.oracle = GptOss(self.config, self.weights, {op: ctx.oracle for op in OPS}, dtype=F64, device="cpu")
@@ -137,7 +158,7 @@ def _prompts(p: dict, V: int) -> list[list[int]]:
 
 
 def run_logits(ctx: Ctx, p: dict) -> Outcome:
-    m = _Models(ctx, p["seed"], expert_bias_scale=p.get("bias_scale", 0.1))
+    m = _Models(ctx, p["seed"], p.get("model"), expert_bias_scale=p.get("bias_scale", 0.1))
     ids = _prompts(p, m.config.vocab_size)
     rows = p.get("rows")
     out, calls = m.engine_run_routed(ids, rows=rows)
@@ -153,7 +174,7 @@ def run_logits(ctx: Ctx, p: dict) -> Outcome:
 
 def run_incremental(ctx: Ctx, p: dict) -> Outcome:
     """Prefill part of each sequence, then decode the rest one token per step (both sequences together)."""
-    m = _Models(ctx, p["seed"])
+    m = _Models(ctx, p["seed"], p.get("model"))
     ids = _prompts(p, m.config.vocab_size)
     starts = [0] + torch.tensor([len(s) for s in ids]).cumsum(0).tolist()
     T = starts[-1]
@@ -182,7 +203,7 @@ def run_incremental(ctx: Ctx, p: dict) -> Outcome:
 
 
 def run_batch_vs_alone(ctx: Ctx, p: dict) -> Outcome:
-    m = _Models(ctx, p["seed"])
+    m = _Models(ctx, p["seed"], p.get("model"))
     ids = _prompts(p, m.config.vocab_size)  # ids[0] is the sequence of interest
     n = len(ids[0])
     alone, calls_a = m.engine_run_routed(ids[:1])
@@ -215,7 +236,7 @@ def run_batch_vs_alone(ctx: Ctx, p: dict) -> Outcome:
 
 
 def run_greedy(ctx: Ctx, p: dict) -> Outcome:
-    m = _Models(ctx, p["seed"])
+    m = _Models(ctx, p["seed"], p.get("model"))
     prompt = _prompts(p, m.config.vocab_size)[0]
     n_new = p["new"]
     with tol.RoutingRecorder(ctx.engine) as rec:
@@ -246,29 +267,130 @@ def run_greedy(ctx: Ctx, p: dict) -> Outcome:
 
 
 def run_determinism(ctx: Ctx, p: dict) -> Outcome:
-    m = _Models(ctx, p["seed"])
+    """Same inputs twice (``fresh``: the second time through a new engine instance and a freshly prepared
+    model) must give bitwise-equal logits."""
+    m = _Models(ctx, p["seed"], p.get("model"))
     ids = _prompts(p, m.config.vocab_size)
     a = m.engine_run(ids)
-    b = m.engine_run(ids)
+    if p.get("fresh"):
+        fresh = ctx.call("model", type(ctx.engine))
+        b = _Models(ctx, p["seed"], p.get("model"), engine=fresh).engine_run(ids)
+        what = "a freshly prepared model"
+    else:
+        b = m.engine_run(ids)
+        what = "the same model"
     if not torch.equal(a, b):
         d = (a.to(F64) - b.to(F64)).abs()
         return Outcome("model", float(d.max()), 0.0, math.inf, where="logits",
-                       message=f"determinism: two runs on the same inputs differ by up to {float(d.max()):.3g} "
+                       message=f"determinism: two runs on the same inputs ({what}) differ by up to {float(d.max()):.3g} "
                                f"(claims determinism={ctx.engine.capabilities.determinism!r})")
     return Outcome("model", 0.0, 0.0, 0.0, metrics={"bitwise_equal": True})
+
+
+def run_cuda_graph(ctx: Ctx, p: dict) -> Outcome:
+    """Prefill S prompts eagerly, then decode ``steps`` tokens per sequence twice from the same cache state:
+    eagerly, and by replaying one decode step captured in a CUDA graph (its inputs, including the Batch's
+    tensors, written in place before each replay; the host-side max_context_len is the cache length, an
+    upper bound valid for every replay). Replayed logits must match the eager ones and both the oracle's."""
+    if ctx.device.type != "cuda":
+        raise NotRun(f"CUDA graphs need a CUDA device (running on {ctx.device.type}); the cuda_graphs claim is "
+                     "checked when certifying on cuda")
+    m = _Models(ctx, p["seed"], p.get("model"))
+    ids = _prompts(p, m.config.vocab_size)
+    S, steps = len(ids), p["steps"]
+    P = min(len(s) for s in ids) - steps  # prefill length of every sequence
+    starts = [0] + torch.tensor([len(s) for s in ids]).cumsum(0).tolist()
+    rows = list(range(S))[::-1]
+    cache_len = max(len(s) for s in ids) + 2
+    dev = ctx.device
+    eager_cache, graph_cache = m.engine.new_cache(S, cache_len), m.engine.new_cache(S, cache_len)
+    _, calls = m.engine_run_routed([s[:P] for s in ids], rows=rows, cache=eager_cache)
+    m.engine_run([s[:P] for s in ids], rows=rows, cache=graph_cache)
+    token_rows = [[starts[s] + i for s in range(S) for i in range(P)]]
+
+    def step_batch(step: int) -> Batch:
+        return Batch.build([1] * S, [P + step] * S, rows, cache_len, dev)
+
+    def step_ids(step: int) -> torch.Tensor:
+        return torch.tensor([ids[s][P + step] for s in range(S)], dtype=torch.int64, device=dev)
+
+    eager = torch.full((S * steps, m.config.vocab_size), math.nan, dtype=F64)
+    for step in range(steps):
+        with tol.RoutingRecorder(ctx.engine) as rec, torch.inference_mode():
+            out = ctx.call("model", m.engine.forward, step_ids(step), step_batch(step), eager_cache)
+        calls += rec.calls
+        token_rows.append([starts[s] + P + step for s in range(S)])
+        eager[step::steps] = out.to("cpu", F64)
+
+    static_ids = step_ids(0)
+    static = dataclasses.replace(step_batch(0), max_context_len=cache_len)
+
+    def capture():
+        with torch.inference_mode():
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm up (allocations, lazy init) outside the capture
+                for _ in range(2):
+                    m.engine.forward(static_ids, static, graph_cache)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                result = m.engine.forward(static_ids, static, graph_cache)
+        return graph, result
+
+    graph, static_out = ctx.call("model", capture)
+    replayed = torch.full_like(eager, math.nan)
+    for step in range(steps):
+        b = step_batch(step)
+        with torch.inference_mode():
+            static_ids.copy_(step_ids(step))
+            for f in ("positions", "cu_seqlens", "context_lens", "cache_rows", "slot_mapping"):
+                getattr(static, f).copy_(getattr(b, f))
+        ctx.call("model", graph.replay)
+        torch.cuda.synchronize(dev)
+        replayed[step::steps] = static_out.to("cpu", F64)
+    ref, bound, problem, _ = m.reference(ids, m.forcing(calls, token_rows, starts[-1]))
+    if problem:
+        return _routing_outcome("cuda graph", problem)
+    sel = torch.tensor([starts[s] + P + step for s in range(S) for step in range(steps)])
+    labels = [f"seq {s} decode step {step}" for s in range(S) for step in range(steps)]
+    e, r = eager, replayed  # row s·steps + step: sequence s, decode step step
+    a = _rows_outcome("eager decode", e, ref[sel], bound[sel], labels)
+    b = _rows_outcome("cuda graph replay vs eager", r, e, bound[sel], labels)
+    c = _rows_outcome("cuda graph replay", r, ref[sel], bound[sel], labels)
+    for o in (a, b, c):
+        if not o.passed:
+            return o
+    return max((a, b, c), key=lambda o: o.ratio)
 
 
 def _d(**kw):
     return st.fixed_dictionaries({**kw, "seed": SEEDS})
 
 
-def cases(dtype: str, profile: Profile) -> list[Case]:
+def model_spec(lim: Limits) -> dict:
+    """The tiny config's claim-dependent fields for an engine (head dim, experts, top-k, expert format)."""
+    E = max(lim.experts(8))
+    return dict(head_dim=lim.model_head_dim, num_experts=E, experts_per_token=min(2, lim.max_top_k, E),
+                format=lim.expert_format)
+
+
+def cases(dtype: str, profile: Profile, lim: Limits | None = None) -> list[Case]:
+    if lim is None:
+        from mxmoe.core.backend import Capabilities
+
+        lim = Limits.of(Capabilities(mxfp4="native"))
+    spec = model_spec(lim)
     n = profile.model_tokens
-    req = MODEL_REQUIRES + (f"dtype:{dtype}",)
+    fmt_req = ("mxfp4",) if spec["format"] == "mxfp4" else ("dense_experts",)
+    req = tuple(r for r in MODEL_REQUIRES if r != "mxfp4") + fmt_req + (
+        f"head_dim:{spec['head_dim']}", f"experts:{spec['num_experts']}",
+        f"experts_per_token:{spec['experts_per_token']}", f"dtype:{dtype}")
     out = []
 
     def add(name, run, strategy, examples, description, requires=req):
-        out.append(Case("L3", "model", name, run, strategy, tuple(examples), requires, dtype, description,
+        out.append(Case("L3", "model", name, run, (lambda pr: strategy(pr).map(lambda p: {**p, "model": spec})),
+                        tuple(dict(e, model=spec) for e in examples), requires, dtype, description,
                         max_examples=2))
 
     add("logits", run_logits, lambda pr: _d(lens=st.lists(st.integers(1, pr.model_tokens), min_size=1, max_size=3)),
@@ -287,4 +409,13 @@ def cases(dtype: str, profile: Profile) -> list[Case]:
         "greedy continuation: every token within the logit bound of the oracle's best, teacher-forced")
     add("determinism", run_determinism, lambda pr: _d(lens=st.lists(st.integers(1, 16), min_size=2, max_size=2)),
         [dict(lens=[12, 7], seed=4)], "same inputs twice: bitwise-equal logits", requires=req + ("determinism",))
+    add("determinism_fresh_model", run_determinism,
+        lambda pr: _d(lens=st.lists(st.integers(1, 16), min_size=2, max_size=2), fresh=st.just(True)),
+        [dict(lens=[12, 7], fresh=True, seed=4)], "determinism='bitwise': a new engine instance and a freshly "
+        "prepared model give the same bits", requires=req + ("determinism:bitwise",))
+    add("cuda_graph_decode", run_cuda_graph,
+        lambda pr: _d(lens=st.lists(st.integers(8, 20), min_size=3, max_size=3), steps=st.just(3)),
+        [dict(lens=[14, 9, 11], steps=3, seed=6)],
+        "3 sequences: decode steps replayed from one captured CUDA graph == eager steps == the oracle "
+        "(not run off CUDA)", requires=req + ("cuda_graphs",))
     return out

@@ -7,20 +7,23 @@ token, I intermediate, Hq/Hkv heads, d head_dim, L keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
 from hypothesis import strategies as st
 
 from mxmoe.core import mxfp4
+from mxmoe.core.backend import Experts
 from mxmoe.core.batch import Batch
 from mxmoe.core.config import preset
 from mxmoe.core.rope import yarn_inv_freq
 from mxmoe.core.weights import ExpertLinear
 
 from . import tolerances as tol
-from .case import Case, CaseFailure, Ctx, Outcome, Profile
-from .inputs import SEEDS, F64, canonical, generator, randn, random_experts, rounded, routing
+from .case import Case, CaseFailure, Ctx, Limits, Outcome, Profile
+from .inputs import (SEEDS, F64, CachedExperts, canonical, generator, randn, random_dense_exact, random_experts,
+                     random_experts_packed, rounded, routing)
 
 GPT_OSS = preset("gpt-oss-20b")
 
@@ -98,6 +101,8 @@ def _linear_layer(ctx: Ctx, op: str, w: torch.Tensor, b: torch.Tensor | None):
 
 
 def run_linear(ctx: Ctx, p: dict) -> Outcome:
+    if p.get("chunked"):
+        return run_wide_linear(ctx, p)
     g = generator(p["seed"])
     T, K, N = p["T"], p["K"], p["N"]
     x = rounded(randn(g, T, K), ctx.dtype)
@@ -109,6 +114,37 @@ def run_linear(ctx: Ctx, p: dict) -> Outcome:
     ref = ctx.oracle.linear(x, ref_layer)
     w64, b64 = w.to(F64), None if b is None else b.to(F64)
     return _outcome("linear", out, ref, tol.linear_bound(x, w64, b64, ref, ctx.dtype), K=K)
+
+
+def run_wide_linear(ctx: Ctx, p: dict) -> Outcome:
+    """A layer too wide for a float64 copy (the unembedding: N = 201088): the oracle and the bound are
+    computed 16384 output rows at a time. Weights are int8 integers times a power of two (exact in bf16)."""
+    g = generator(p["seed"])
+    T, K, N = p["T"], p["K"], p["N"]
+    x = rounded(randn(g, T, K), ctx.dtype)
+    w = _wide_weight(p["seed"], N, K)
+    layer = ctx.call("linear", ctx.engine.prepare_linear, w, None, ctx.dtype, ctx.device)
+    out = ctx.call("linear", ctx.engine.linear, ctx.to_engine(x), layer)
+    ctx.check_tensor("linear", out, (T, N))
+    del layer
+    out = out.to("cpu", F64)
+    worst = None
+    for n0 in range(0, N, 16384):
+        wc = w[n0:n0 + 16384]
+        ref = ctx.oracle.linear(x, ctx.oracle.prepare_linear(wc, None, F64, "cpu"))
+        o = _outcome("linear", out[:, n0:n0 + 16384], ref, tol.linear_bound(x, wc.to(F64), None, ref, ctx.dtype),
+                     K=K, N=N)
+        if o.where.startswith("output[") and o.ratio > 0:  # report the column in the whole layer
+            t, n = (int(v) for v in o.where[len("output["):].split("]")[0].split(","))
+            o.where = f"output[{t}, {n + n0}]" + o.where.split("]", 1)[1]
+        if worst is None or o.ratio > worst.ratio:
+            worst = o
+    return worst
+
+
+@functools.lru_cache(maxsize=1)
+def _wide_weight(seed: int, N: int, K: int) -> torch.Tensor:
+    return random_dense_exact(generator(seed + 1), N, K, 1 / math.sqrt(K))  # every dtype of a run reuses it
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -138,6 +174,13 @@ def run_attention(ctx: Ctx, p: dict) -> Outcome:
     q = rounded(randn(g, T, Hq, d, scale=p["q_scale"]), ctx.dtype)
     k = rounded(randn(g, T, Hkv, d), ctx.dtype)
     v = rounded(randn(g, T, Hkv, d), ctx.dtype)
+    if p.get("v_const"):
+        # Every key carries the same value vector: the output is that vector times the mass the keys take
+        # from the sink, so it shows the softmax normaliser alone (no P·V cancellation to hide in).
+        c = rounded(randn(g, 1, Hkv, d), ctx.dtype)
+        v = c.expand(T, Hkv, d).clone()
+        for r, n in zip(rows, past):
+            vc[r, :n] = c[0]
     sinks = randn(g, Hq, scale=p["sink_scale"]).add(p.get("sink_shift", 0.0)).to(ctx.small_dtype).to(F64)
     sm_scale = 1 / math.sqrt(d)
 
@@ -148,7 +191,9 @@ def run_attention(ctx: Ctx, p: dict) -> Outcome:
     okc, ovc = kc.clone(), vc.clone()
     ref = ctx.oracle.attention(q, k, v, sinks, okc, ovc, batch, window, sm_scale)
     # The caller owns the cache: the new keys/values must land exactly at slot_mapping, nowhere else.
-    for name, got, want in (("k_cache", ekc, okc), ("v_cache", evc, ovc)):
+    for name, got, want, new_kv in (("k_cache", ekc, okc, k), ("v_cache", evc, ovc, v)):
+        if _cache_as_expected(got, kc if name == "k_cache" else vc, new_kv, batch.slot_mapping):
+            continue
         c = tol.compare(got, want, torch.zeros(()))
         if c["ratio"] > 0:
             idx = c["index"]
@@ -158,6 +203,15 @@ def run_attention(ctx: Ctx, p: dict) -> Outcome:
                                    "new keys/values must be written at batch.slot_mapping")
     bound = tol.attention_bound(q, okc, ovc, sinks, batch, window, sm_scale, ref, ctx.dtype)
     return _outcome("attention", out, ref, bound, "(token, head, channel)", keys=max(a + b for a, b in p["seqs"]))
+
+
+def _cache_as_expected(got: torch.Tensor, before: torch.Tensor, new: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Bitwise: ``got`` (engine dtype) is ``before`` with ``new`` written at ``slots`` (both exact in that
+    dtype). The fast path of the cache check; on a mismatch the element-wise comparison says where."""
+    want = before.to(got.dtype)
+    want.view(-1, *want.shape[2:])[slots] = new.to(got.dtype)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]
+    return torch.equal(got.cpu().view(ints), want.view(ints))
 
 
 # ---- router --------------------------------------------------------------------------------------
@@ -230,28 +284,48 @@ def run_router(ctx: Ctx, p: dict) -> Outcome:
 # ---- experts -------------------------------------------------------------------------------------
 
 def _run_experts(ctx: Ctx, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, mlp1: ExpertLinear,
-                 mlp2: ExpertLinear, alpha: float, limit: float, exact: bool = False) -> Outcome:
+                 mlp2: ExpertLinear, alpha: float, limit: float, exact: bool = False,
+                 exact_hidden: bool = False) -> Outcome:
     T, D = x.shape
     prepared = ctx.call("experts", ctx.engine.prepare_experts, mlp1, mlp2, ctx.dtype, ctx.device)
     out = ctx.call("experts", ctx.engine.experts, ctx.to_engine(x), ctx.to_engine(weights), idx.to(ctx.device),
                    prepared, alpha, limit)
     ctx.check_tensor("experts", out, (T, D))
-    ref_prep = ctx.oracle.prepare_experts(mlp1, mlp2, F64, "cpu")
+    if not exact and all(e.is_mxfp4 and int(e.scales.max()) < 253 for e in (mlp1, mlp2)):
+        # The oracle and the bound read each expert's float64 weights from one cache (what the reference's
+        # prepare_experts would hold on the CPU, dequantized once instead of twice).
+        mlp1, mlp2 = CachedExperts.of(mlp1), CachedExperts.of(mlp2)
+        ref_prep = Experts(mlp1, mlp2, F64)
+    else:
+        ref_prep = ctx.oracle.prepare_experts(mlp1, mlp2, F64, "cpu")
     ref = ctx.oracle.experts(x, weights, idx, ref_prep, alpha, limit)
     if exact:
         return _outcome("experts", out, rounded(ref, ctx.dtype), torch.zeros(()), "(token, channel)")
-    bound = tol.experts_bound(x, weights, idx, mlp1.dense(F64), mlp1.bias.to(F64), mlp2.dense(F64),
-                              mlp2.bias.to(F64), alpha, limit, ref, ctx.dtype)
+    if exact_hidden:
+        bound = tol.experts_exact_hidden_bound(x, idx, mlp1, mlp2, alpha, limit, ref, ctx.dtype)
+    else:
+        bound = tol.experts_bound(x, weights, idx, mlp1, mlp2, alpha, limit, ref, ctx.dtype)
     return _outcome("experts", out, ref, bound, "(token, channel)")
 
 
 def run_experts(ctx: Ctx, p: dict) -> Outcome:
+    """``packed``: MXFP4 bytes drawn directly (gpt-oss's widths). ``gate_shift``: every gate pre-activation
+    moved far below -swiglu_limit and mlp2's bias zero, so the output is made of gate·σ(α·gate) at very
+    negative gates (~1e-11): a gate clamped from below as well (to -limit) is off by ~5e-5, far outside
+    even the bfloat16 bound."""
     g = generator(p["seed"])
     T, D, I, E, k = p["T"], p["D"], p["I"], p["E"], p["k"]
     dense = p["format"] == "dense"
     bs = p.get("bias_scale", 0.1)
-    mlp1 = random_experts(g, E, 2 * I, D, p["w_scale"] / math.sqrt(D), dense, bias_scale=bs)
-    mlp2 = random_experts(g, E, D, I, 1 / math.sqrt(I), dense, bias_scale=bs)
+    if p.get("packed"):
+        mlp1 = random_experts_packed(g, E, 2 * I, D, p["w_scale"] / math.sqrt(D), bias_scale=bs)
+        mlp2 = random_experts_packed(g, E, D, I, 1 / math.sqrt(I), bias_scale=bs)
+    else:
+        mlp1 = random_experts(g, E, 2 * I, D, p["w_scale"] / math.sqrt(D), dense, bias_scale=bs)
+        mlp2 = random_experts(g, E, D, I, 1 / math.sqrt(I), dense, bias_scale=bs)
+    if "gate_shift" in p:
+        mlp1.bias[:, 0::2] = canonical(mlp1.bias[:, 0::2].to(F64) + p["gate_shift"])
+        mlp2.bias.zero_()
     if p.get("nan_scales"):  # E8M0 0xFF: NaN blocks in one expert of each layer
         for lin in (mlp1, mlp2):
             e = int(torch.randint(E, (1,), generator=g))
@@ -277,8 +351,9 @@ def run_mxfp4_exact(ctx: Ctx, p: dict) -> Outcome:
     All biases are zero, so a dropped bias cannot masquerade as a dequantization error.
     """
     g = generator(p["seed"])
-    E, D, I = 2, 64, 32
-    lo, hi = p["scale_range"]
+    every_byte = p["scale_range"] == "all"
+    E, D, I = 2, 128 if every_byte else 64, 32
+    lo, hi = (0, 255) if every_byte else p["scale_range"]
     ones_code, code_4 = 2, 6  # E2M1 codes of 1.0 and 4.0
 
     def fp4(codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> ExpertLinear:
@@ -304,6 +379,21 @@ def run_mxfp4_exact(ctx: Ctx, p: dict) -> Outcome:
         scales1[:, 1::2] = 127
         codes2 = _fp4_codes(g, (E, D, I))
         scales2 = torch.randint(lo, hi + 1, (E, D, I // 32), generator=g, dtype=torch.uint8)
+        if every_byte:
+            # Each of the 256 blocks gets its own scale byte: 0 (2^-127) and 1 (2^-126), 253 and 254 (2^127),
+            # 255 (NaN). Codes are capped per scale so every dequantized weight is finite in float32/bfloat16
+            # (at 254 only |v| <= 1.5): what overflows is the output 32·v, the same way in every honest order
+            # of operations. At bytes 0 and 1 the weights are kept normal (|v| >= 2^-126, or 0): bf16 GEMMs may
+            # flush subnormal operands (oneDNN on the CPU does, the reference included), so bit-exactness
+            # through a matmul cannot be asked of them; a decoder that gets byte 0 or 1 wrong still shows.
+            scales2 = torch.randperm(256, generator=g).to(torch.uint8).reshape(E, D, I // 32)
+            per_value = scales2.repeat_interleave(32, dim=-1)
+            cap = torch.full_like(per_value, 7)  # largest magnitude code: 6.0
+            cap[per_value == 253], cap[per_value == 254] = 5, 3  # 3.0 · 2^126 and 1.5 · 2^127
+            mag = torch.minimum(codes2 & 7, cap)
+            low = ((per_value == 0) & (mag > 0) & (mag < 4)) | ((per_value == 1) & (mag == 1))
+            mag = torch.where(low, mag + 3, mag).clamp(max=7)  # 0.5..1.5 · 2^-127 -> 2..4 · 2^-127
+            codes2 = (codes2 & 8) | mag
         T = I
     mlp1 = fp4(codes1.reshape(E, 2 * I, D), scales1, bias1)
     mlp2 = fp4(codes2, scales2, torch.zeros(E, D, dtype=F64))
@@ -320,6 +410,95 @@ def run_mxfp4_exact(ctx: Ctx, p: dict) -> Outcome:
     return o
 
 
+def run_experts_reduction(ctx: Ctx, p: dict) -> Outcome:
+    """One long reduction inside the experts, every other step exact, so fp32 accumulation is checkable
+    through the whole op (bf16 accumulation across K tiles is caught, as for linear/long_reduction).
+
+    ``mlp1``: D = K long, random; mlp2 a 0/1 selection (y_d = SwiGLU_(d mod I)): the output is SwiGLU of
+    mlp1's dot products, with no second sum to hide their error in. ``mlp2``: tokens one-hot, mlp1's gate
+    rows 32 (σ(1.702·32) = 1) and linear rows E2M1 values · ½ with swiglu_limit 64, so SwiGLU = 32·(v + 1)
+    is exact in every dtype; mlp2 random with I = K long, bias 0, routing weight 1: only mlp2's
+    accumulation and one rounding of its result are left, and the bound says so
+    (tolerances.experts_exact_hidden_bound: bf16 and fp16 accumulation are both caught).
+    """
+    g = generator(p["seed"])
+    K, E, T = p["K"], 2, 8
+    idx = (torch.arange(T) * E // T)[:, None]  # tokens split between the two experts, k = 1
+    weights = torch.ones(T, 1, dtype=F64)
+    if p["target"] == "mlp1":
+        D, I = K, 64
+        mlp1 = random_experts(g, E, 2 * I, D, 2 / math.sqrt(D))
+        codes2 = torch.zeros((E, D, I), dtype=torch.uint8)
+        codes2[:, torch.arange(D), torch.arange(D) % I] = 2  # E2M1 code of 1.0
+        mlp2 = ExpertLinear(bias=canonical(torch.zeros(E, D, dtype=F64)), blocks=mxfp4.pack(codes2),
+                            scales=torch.full((E, D, I // 32), 127, dtype=torch.uint8))
+        x = rounded(randn(g, T, D), ctx.dtype)
+        return _run_experts(ctx, x, weights, idx, mlp1, mlp2, 1.702, 7.0)
+    D, I = 64, K
+    codes1 = torch.zeros((E, 2 * I, D), dtype=torch.uint8)
+    codes1[:, 0::2] = 6  # 4.0 · 2^3 = 32 on every gate row
+    codes1[:, 1::2] = _fp4_codes(g, (E, I, D))
+    scales1 = torch.full((E, 2 * I, D // 32), 127 + 3, dtype=torch.uint8)
+    scales1[:, 1::2] = 126
+    mlp1 = ExpertLinear(bias=canonical(torch.zeros(E, 2 * I, dtype=F64)), blocks=mxfp4.pack(codes1), scales=scales1)
+    mlp2 = random_experts(g, E, D, I, 1 / math.sqrt(I), bias_scale=0.0)
+    x = torch.zeros(T, D, dtype=F64)
+    x[torch.arange(T), torch.arange(T)] = 1.0
+    return _run_experts(ctx, x, weights, idx, mlp1, mlp2, 1.702, 64.0, exact_hidden=True)
+
+
+def run_native_footprint(ctx: Ctx, p: dict) -> Outcome:
+    """``mxfp4="native"`` says the experts stay 4-bit: the tensors reachable from what ``prepare_experts``
+    returns (and, on CUDA, the memory it allocates) must stay within twice the packed bytes plus the
+    biases; bfloat16 copies of the weights take 3.8x the packed bytes."""
+    g = generator(p["seed"])
+    E, D, I = p["E"], p["D"], p["I"]
+    mlp1 = random_experts_packed(g, E, 2 * I, D, 2 / math.sqrt(D))
+    mlp2 = random_experts_packed(g, E, D, I, 1 / math.sqrt(I))
+    packed = sum(t.nbytes for e in (mlp1, mlp2) for t in (e.blocks, e.scales))
+    limit = 2 * packed + 4 * E * (2 * I + D) * 4
+    cuda = ctx.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(ctx.device)
+        before = torch.cuda.memory_allocated(ctx.device)
+    prepared = ctx.call("experts", ctx.engine.prepare_experts, mlp1, mlp2, ctx.dtype, ctx.device)
+    held = _tensor_bytes(prepared)
+    if cuda:
+        torch.cuda.synchronize(ctx.device)
+        held = max(held, torch.cuda.memory_allocated(ctx.device) - before)
+    o = Outcome("experts", float(held), float(limit), held / limit, where="prepared experts (bytes)",
+                metrics=dict(packed_bytes=packed, bf16_bytes=2 * E * 3 * I * D, prepared_bytes=held))
+    if o.ratio > 1:
+        o.message = (f"claims mxfp4='native' but the prepared experts hold {held} bytes, {held / packed:.2f}x "
+                     f"the {packed} packed MXFP4 bytes (bfloat16 copies would be {2 * E * 3 * I * D})")
+    return o
+
+
+def _tensor_bytes(obj, seen: set | None = None, depth: int = 0) -> int:
+    """Bytes of the distinct tensor storages reachable from ``obj`` through attributes and containers."""
+    seen = set() if seen is None else seen
+    if depth > 8 or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        st_ = obj.untyped_storage()
+        key = ("storage", obj.device, st_.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return st_.nbytes()
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        items = list(obj)
+    elif isinstance(obj, (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)):
+        return 0
+    else:
+        items = list(getattr(obj, "__dict__", {}).values())
+        items += [getattr(obj, n) for n in getattr(type(obj), "__slots__", ()) if hasattr(obj, n)]
+    return sum(_tensor_bytes(i, seen, depth + 1) for i in items)
+
+
 # ---- the grid ------------------------------------------------------------------------------------
 
 def _d(**kw):
@@ -331,62 +510,122 @@ def _attention_seq_strategy(max_past: int, max_new: int, max_seqs: int):
     return st.lists(seq, min_size=1, max_size=max_seqs)
 
 
-def cases(dtype: str, head_dims: tuple[int, ...], profile: Profile) -> list[Case]:
-    """The level-1 grid for one dtype."""
+def _mixed_contexts(seed: int, S: int, most: int) -> list[tuple[int, int]]:
+    """S decode sequences (one new token each) with cached lengths spread over [0, most - 1]."""
+    g = generator(seed)
+    past = torch.randint(0, max(most, 1), (S,), generator=g).tolist()
+    past[0] = most - 1  # the longest allowed
+    if S > 1:
+        past[1] = 0  # a first token
+    return [(n, 1) for n in past]
+
+
+def cases(dtype: str, lim: Limits | tuple[int, ...], profile: Profile) -> list[Case]:
+    """The level-1 grid for one dtype, drawn inside ``lim`` (an engine's :class:`Limits`; a tuple of head
+    dims stands for an engine that claims everything else)."""
+    if not isinstance(lim, Limits):
+        from mxmoe.core.backend import Capabilities
+
+        lim = Limits.of(Capabilities(head_dims=tuple(lim), max_experts=None))
     dt_req = (f"dtype:{dtype}",)
     W = GPT_OSS.sliding_window  # 128
     out: list[Case] = []
 
-    def add(op, name, run, strategy, examples=(), requires=(), description="", exact=False):
+    def add(op, name, run, strategy, examples=(), requires=(), description="", exact=False, real_shape=False,
+            max_examples=None):
         out.append(Case("L1", op, name, run, strategy, tuple(examples), (f"op:{op}",) + dt_req + tuple(requires),
-                        dtype, description, exact))
+                        dtype, description, exact, max_examples, real_shape))
 
     add("embedding", "gather", run_embedding,
         lambda pr: _d(V=st.integers(2, 4096), D=st.sampled_from([32, 64, 2880]), T=st.integers(2, 64)),
         [dict(V=201088, D=64, T=16, seed=0)], exact=True, description="embedding lookup is a bit-exact gather")
     add("rms_norm", "random", run_rms_norm,
         lambda pr: _d(T=st.integers(1, 32), D=st.sampled_from([32, 64, 2880])),
-        [dict(T=4, D=2880, seed=0)], description="rows from 1e-3 to 1e3 in magnitude")
-    for d in sorted(set(head_dims)):
+        [dict(T=4, D=2880, seed=0), dict(T=64, D=2880, seed=1)],
+        description="rows from 1e-3 to 1e3 in magnitude; float32 inside, rounded once: within half an ulp")
+
+    # RoPE positions stay below the claimed context (an engine may tabulate cos/sin up to it).
+    pos = lim.contexts(64, 4096, lim.max_context)
+    for d in lim.head_dims:
         add("rope", f"yarn_d{d}", run_rope,
-            lambda pr, d=d: _d(T=st.integers(1, 64), Hq=st.sampled_from([2, 8]), Hkv=st.sampled_from([1, 2]), d=st.just(d),
-                               max_pos=st.sampled_from([64, 4096, 131072])),
-            [dict(T=16, Hq=8, Hkv=2, d=d, max_pos=131072, seed=0),
-             dict(T=1, Hq=8, Hkv=2, d=d, max_pos=8192, seed=1)],  # one token: the decode path
-            requires=[f"head_dim:{d}"],
-            description="YaRN frequencies and concentration, halves (not interleaved), positions up to 131072")
+            lambda pr, d=d: _d(T=st.integers(1, 64), Hq=st.sampled_from([2, 8, 64]), Hkv=st.sampled_from([1, 2, 8]),
+                               d=st.just(d), max_pos=st.sampled_from(pos)).filter(lambda p: p["Hq"] >= p["Hkv"]),
+            [dict(T=16, Hq=8, Hkv=2, d=d, max_pos=pos[-1], seed=0),
+             dict(T=1, Hq=64, Hkv=8, d=d, max_pos=min(8192, pos[-1]), seed=1)],  # one token: the decode path
+            requires=[f"head_dim:{d}", f"context:{pos[-1]}"],
+            description=f"YaRN frequencies and concentration, halves (not interleaved), positions up to {pos[-1]}")
+    if lim.outside_head_dim:
+        d = lim.outside_head_dim
+        add("rope", f"refuses_head_dim_{d}", run_rope, None, [dict(T=4, Hq=8, Hkv=2, d=d, max_pos=64, seed=0)],
+            requires=[f"head_dim:{d}"], description=f"head_dim {d} is not claimed: must raise NotSupported")
+
     add("linear", "random", run_linear,
-        lambda pr: _d(T=st.integers(1, 16), K=st.sampled_from([64, 2880]), N=st.sampled_from([32, 128]),
-                      bias=st.booleans()),
+        lambda pr: _d(T=st.integers(1, 16), K=st.sampled_from([33, 64, 100, 2880]),
+                      N=st.sampled_from([1, 32, 128, 129, 1000]), bias=st.booleans()),
         [dict(T=4, K=2880, N=64, bias=True, seed=0)])
+    add("linear", "odd_tails", run_linear, None,
+        [dict(T=5, K=100, N=1000, bias=True, seed=0), dict(T=3, K=2880, N=5120, bias=True, seed=1),  # QKV
+         dict(T=2, K=4096, N=2880, bias=True, seed=2), dict(T=7, K=2881, N=257, bias=False, seed=3),
+         dict(T=1, K=33, N=1, bias=True, seed=4)],
+        description="widths that are not multiples of a kernel tile: N 1000, 257, 1; K 100, 2881; gpt-oss's QKV "
+                    "(5120 x 2880) and output (2880 x 4096) layers")
     add("linear", "long_reduction", run_linear,
         lambda pr: _d(T=st.just(8), K=st.just(pr.big_k), N=st.just(64), bias=st.just(False)),
         [dict(T=8, K=profile.big_k, N=64, bias=False, seed=1)],
         description="K in the thousands: fp32 accumulation is required, bf16 accumulation is caught")
+    add("linear", "unembedding", run_linear, None,
+        [dict(T=3, K=2880, N=201088, bias=False, chunked=True, seed=0)], real_shape=True,
+        description="the unembedding at gpt-oss's true vocabulary (201088 x 2880, N not a multiple of 256)")
 
-    for d in sorted(set(head_dims)):
+    hkv_pairs = [(2, 1), (8, 1), (8, 2), (16, 8), (64, 8)]
+    heads = st.sampled_from(hkv_pairs)
+    win_req = ["sliding_window"]
+    for d in lim.head_dims:
         hd = (f"head_dim:{d}",)
         base = dict(d=d, q_scale=1.0, sink_scale=1.0, window=0)
 
-        def att(name, examples, strategy, requires=(), description=""):
-            add("attention", f"{name}_d{d}", run_attention, strategy, examples, hd + ("sinks",) + tuple(requires),
-                description)
+        def att(name, examples, strategy, requires=(), description="", real_shape=False, context=None):
+            ctx_req = (f"context:{context}",) if context else ()
+            add("attention", f"{name}_d{d}", run_attention, strategy, examples,
+                hd + ("sinks",) + ctx_req + tuple(requires), description, real_shape=real_shape)
 
-        att("prefill", [dict(base, Hq=8, Hkv=1, seqs=[(0, 37)], seed=0), dict(base, Hq=4, Hkv=4, seqs=[(0, 1)], seed=1)],
-            lambda pr, d=d: _d(d=st.just(d), Hq=st.sampled_from([2, 8]), Hkv=st.sampled_from([1, 2]),
-                               seqs=_attention_seq_strategy(0, 48, 3), q_scale=st.sampled_from([0.5, 1.0, 3.0]),
-                               sink_scale=st.sampled_from([0.0, 1.0, 4.0]), window=st.just(0)),
-            description="causal GQA prefill with sinks, no window; KV length 1 (a one-token prompt)")
-        att("decode", [dict(base, Hq=8, Hkv=2, seqs=[(1, 1), (0, 1), (40, 1)], seed=0)],
-            lambda pr, d=d: _d(d=st.just(d), Hq=st.sampled_from([2, 8]), Hkv=st.sampled_from([1, 2]),
-                               seqs=_attention_seq_strategy(64, 1, 4), q_scale=st.sampled_from([0.5, 1.0, 3.0]),
-                               sink_scale=st.sampled_from([0.0, 1.0]), window=st.just(0)),
-            description="one new token per sequence over cached keys (KV lengths 0 and 1 cached included)")
+        def sdraw(d, seqs, q_scale=st.just(1.0), sink_scale=st.just(1.0), window=st.just(0), **kw):
+            return _d(d=st.just(d), hk=heads, seqs=seqs, q_scale=q_scale, sink_scale=sink_scale, window=window,
+                      **kw).map(lambda p: {**{k: v for k, v in p.items() if k != "hk"}, "Hq": p["hk"][0],
+                                           "Hkv": p["hk"][1]})
+
+        att("prefill", [dict(base, Hq=8, Hkv=1, seqs=[(0, 37)], seed=0), dict(base, Hq=4, Hkv=4, seqs=[(0, 1)], seed=1),
+                        dict(base, Hq=64, Hkv=8, seqs=[(0, 45), (0, 19)], seed=2),  # gpt-oss's heads, groups of 8
+                        dict(base, Hq=16, Hkv=8, seqs=[(0, 33)], seed=3)],
+            lambda pr, d=d: sdraw(d, _attention_seq_strategy(0, 48, 3), q_scale=st.sampled_from([0.5, 1.0, 3.0]),
+                                  sink_scale=st.sampled_from([0.0, 1.0, 4.0])),
+            description="causal GQA prefill with sinks, no window, up to gpt-oss's 64/8 heads; KV length 1")
+        att("decode", [dict(base, Hq=8, Hkv=2, seqs=[(1, 1), (0, 1), (40, 1)], seed=0),
+                       dict(base, Hq=8, Hkv=8, seqs=_mixed_contexts(5, 20, 64), seed=1)],  # 20 sequences
+            lambda pr, d=d: sdraw(d, _attention_seq_strategy(64, 1, 24), q_scale=st.sampled_from([0.5, 1.0, 3.0]),
+                                  sink_scale=st.sampled_from([0.0, 1.0])),
+            description="one new token per sequence over cached keys, batches of up to 24 sequences (KV lengths 0 "
+                        "and 1 cached included)")
+        most = min(2048, lim.max_context)
+        att("decode_batch", [dict(base, Hq=64, Hkv=8, seqs=_mixed_contexts(7, 64, most), seed=0),
+                             dict(base, Hq=64, Hkv=8, seqs=_mixed_contexts(8, 33, min(600, most)), seed=1),
+                             dict(base, Hq=64, Hkv=8, seqs=_mixed_contexts(9, 1, most), seed=2)],
+            None, real_shape=True, context=most,
+            description=f"decode batches of 64, 33 and 1 sequences at gpt-oss's 64/8 heads, mixed contexts up to {most}")
+        att("decode_batch_windowed", [dict(base, window=W, Hq=64, Hkv=8, seqs=_mixed_contexts(10, 64, most), seed=0)],
+            None, requires=win_req, real_shape=True, context=most,
+            description="a decode batch of 64 sequences with gpt-oss's 128-token window")
         att("chunked_prefill", [dict(base, Hq=8, Hkv=2, seqs=[(20, 7), (3, 12)], seed=0)],
-            lambda pr, d=d: _d(d=st.just(d), Hq=st.sampled_from([2, 8]), Hkv=st.sampled_from([1, 2]),
-                               seqs=_attention_seq_strategy(40, 16, 3), q_scale=st.just(1.0),
-                               sink_scale=st.just(1.0), window=st.sampled_from([0, 8])),
+            lambda pr, d=d: sdraw(d, _attention_seq_strategy(40, 16, 3)),
             description="several new tokens on top of cached ones, varlen batch")
+        att("chunked_prefill_windowed", [dict(base, window=8, Hq=8, Hkv=2, seqs=[(20, 7), (3, 12)], seed=0)],
+            lambda pr, d=d: sdraw(d, _attention_seq_strategy(40, 16, 3), window=st.just(8)), requires=win_req,
+            description="chunked prefill with a window of 8")
+        LS = min(16384, lim.max_context)
+        att("long_sum", [dict(base, Hq=8, Hkv=1, seqs=[(LS - 1, 1), (LS // 8, 1)], v_const=True, seed=0)],
+            None, context=LS,
+            description=f"every key the same value vector, up to {LS} keys: the output is the softmax normaliser's "
+                        "alone (summed in bf16 it is caught)")
         att("sinks_dominant", [dict(base, Hq=4, Hkv=2, seqs=[(0, 20), (5, 1)], sink_scale=0.5, sink_shift=3.0, seed=0)],
             lambda pr, d=d: _d(d=st.just(d), Hq=st.just(4), Hkv=st.just(2), seqs=_attention_seq_strategy(16, 8, 2),
                                q_scale=st.just(0.5), sink_scale=st.just(0.5), sink_shift=st.sampled_from([2.0, 4.0]),
@@ -397,84 +636,172 @@ def cases(dtype: str, head_dims: tuple[int, ...], profile: Profile) -> list[Case
         att("window_boundary", [dict(win, seqs=[(0, W + 2)], seed=0),  # prefill across the boundary
                                 dict(win, seqs=[(W - 1, 1), (W, 1), (W + 1, 1)], seed=1),  # decode at / across
                                 dict(win, seqs=[(W - 2, 4), (2 * W - 1, 2)], seed=2)],  # chunks straddling it
-            lambda pr, d=d: _d(d=st.just(d), Hq=st.sampled_from([2, 8]), Hkv=st.sampled_from([1, 2]),
-                               seqs=st.lists(st.tuples(st.integers(W - 3, W + 3), st.integers(1, 4)), min_size=1,
-                                             max_size=3),
-                               q_scale=st.sampled_from([1.0, 3.0]), sink_scale=st.just(1.0), window=st.just(W)),
-            requires=["sliding_window"], description="window 128 exactly at and across the boundary, prefill and decode")
+            lambda pr, d=d: sdraw(d, st.lists(st.tuples(st.integers(W - 3, W + 3), st.integers(1, 4)), min_size=1,
+                                              max_size=3), q_scale=st.sampled_from([1.0, 3.0]), window=st.just(W)),
+            requires=win_req, description="window 128 exactly at and across the boundary, prefill and decode")
         att("window_small", [dict(base, window=4, Hq=4, Hkv=2, seqs=[(0, 9), (6, 3)], seed=0)],
             lambda pr, d=d: _d(d=st.just(d), Hq=st.just(4), Hkv=st.sampled_from([1, 2]),
                                seqs=_attention_seq_strategy(12, 10, 3), q_scale=st.just(1.0), sink_scale=st.just(1.0),
                                window=st.integers(1, 6)),
-            requires=["sliding_window"], description="windows of 1..6 tokens, including window 1 (self only)")
-        L = profile.long_context
-        att("long_context", [dict(base, window=0, Hq=8, Hkv=2, seqs=[(L - 1, 1), (L - 33, 32)], seed=0),
-                             dict(base, window=W, Hq=8, Hkv=2, seqs=[(L - 1, 1)], seed=1)],
-            lambda pr, d=d: _d(d=st.just(d), Hq=st.just(8), Hkv=st.sampled_from([1, 2]),
-                               seqs=st.lists(st.tuples(st.integers(pr.long_context // 2, pr.long_context - 8),
-                                                       st.integers(1, 8)), min_size=1, max_size=2),
-                               q_scale=st.just(1.0), sink_scale=st.just(1.0), window=st.sampled_from([0, W])),
-            requires=["sliding_window", f"context:{L}"],
-            description=f"contexts of up to {L} keys, full and windowed")
+            requires=win_req, description="windows of 1..6 tokens, including window 1 (self only)")
+        L = min(profile.long_context, lim.max_context)
+        for windowed in (False, True):
+            sfx, w = ("_windowed", W) if windowed else ("", 0)
+            att(f"long_context{sfx}", [dict(base, window=w, Hq=8, Hkv=2, seqs=[(L - 1, 1), (L - 33, 32)], seed=0)],
+                lambda pr, d=d, w=w, L=L: sdraw(d, st.lists(st.tuples(st.integers(L // 2, L - 8), st.integers(1, 8)),
+                                                            min_size=1, max_size=2), window=st.just(w)),
+                requires=win_req if windowed else (), context=L,
+                description=f"contexts of up to {L} keys" + (", windowed" if windowed else ""))
         # Long decode: one query row over thousands of keys (split-KV / long-context kernels), past gpt-oss's
-        # initial_context_length (4096), GQA with several KV heads. One query row keeps the oracle cheap.
-        LD = profile.long_decode
-        ld = []
-        for i, n in enumerate(LD):
-            ld.append(dict(base, window=W, Hq=8, Hkv=2, seqs=[(n - 1, 1), (n // 2, 1)], seed=10 + i))
-            ld.append(dict(base, window=0, Hq=64 if i == 0 else 8, Hkv=8 if i == 0 else 4, seqs=[(n - 1, 1)],
-                           seed=20 + i))
-        att("long_decode", ld, None, requires=["sliding_window", f"context:{max(LD)}"],
-            description=f"one new token over {', '.join(map(str, LD))} cached keys, windowed and full, GQA")
+        # initial_context_length (4096), GQA with several KV heads. One query row keeps the oracle cheap. The
+        # longest claimed context runs here when it is at most 32768; beyond, in the real-shape case.
+        LD = lim.contexts(*profile.long_decode, *([lim.max_context] if lim.max_context <= 32768 else []))
+        LD = LD or [lim.max_context]
+        for windowed in (False, True):
+            sfx, w = ("_windowed", W) if windowed else ("", 0)
+            ld = []
+            for i, n in enumerate(LD):
+                ld.append(dict(base, window=w, Hq=8, Hkv=2, seqs=[(n - 1, 1), (n // 2, 1)], seed=10 + i))
+                if i == 0 and not windowed:  # gpt-oss's heads
+                    ld.append(dict(base, window=w, Hq=64, Hkv=8, seqs=[(n - 1, 1)], seed=20 + i))
+            att(f"long_decode{sfx}", ld, None, requires=win_req if windowed else (), context=max(LD),
+                description=f"one new token over {', '.join(map(str, LD))} cached keys, GQA"
+                            + (", windowed" if windowed else ""))
+        # Past 32768 keys (16-bit index arithmetic breaks there), up to the claimed maximum (gpt-oss: 131072).
+        LR = lim.contexts(32768 + 300, lim.max_context)
+        if LR and LR[-1] > 32768:
+            LR = [n for n in LR if n > 32768]
+            for windowed in (False, True):
+                sfx, w = ("_windowed", W) if windowed else ("", 0)
+                att(f"long_decode_real{sfx}",
+                    [dict(base, window=w, Hq=8, Hkv=1, seqs=[(n - 1, 1)], seed=30 + i) for i, n in enumerate(LR)],
+                    None, requires=win_req if windowed else (), context=max(LR), real_shape=True,
+                    description=f"one new token over {', '.join(map(str, LR))} cached keys (past 32k, up to the "
+                                "claimed maximum), 8 query heads on one KV head" + (", windowed" if windowed else ""))
+        if lim.outside_context:
+            n = lim.outside_context
+            add("attention", f"refuses_context_{n}_d{d}", run_attention, None,
+                [dict(base, Hq=8, Hkv=1, seqs=[(n - 1, 1)], slack=0, seed=0)], requires=hd + (f"context:{n}",),
+                description=f"a context of {n} keys is not claimed: must raise NotSupported")
+    if lim.outside_head_dim:
+        d = lim.outside_head_dim
+        add("attention", f"refuses_head_dim_{d}", run_attention, None,
+            [dict(d=d, q_scale=1.0, sink_scale=1.0, window=0, Hq=8, Hkv=2, seqs=[(0, 5)], seed=0)],
+            requires=[f"head_dim:{d}"], description=f"head_dim {d} is not claimed: must raise NotSupported")
 
+    E_all = lim.experts(4, 8, 32, 128)
+    k_all = lim.top_k(1, 2, 3, 4)
+    Emax, kmax = max(E_all), max(k_all)
+    kE = min(4, lim.max_top_k, lim.max_experts)  # k equal to the number of experts
+    route_req = [f"experts:{Emax}", f"experts_per_token:{kmax}"]
     add("router", "random", run_router,
-        lambda pr: _d(T=st.integers(1, 32), D=st.sampled_from([64, 2880]), E=st.sampled_from([4, 32, 128]),
-                      k=st.sampled_from([1, 2, 4])),
-        [dict(T=16, D=2880, E=32, k=4, seed=0)], requires=["experts:32", "experts_per_token:4"],
-        description="top-k then softmax over the chosen k; near-ties within the logit bound may go either way")
+        lambda pr: _d(T=st.integers(1, 32), D=st.sampled_from([64, 2880]), E=st.sampled_from(E_all),
+                      k=st.sampled_from(k_all)).filter(lambda p: p["k"] <= p["E"]),
+        [dict(T=16, D=2880, E=max(lim.experts(4, 32)), k=kmax, seed=0), dict(T=8, D=64, E=Emax, k=kmax, seed=1)],
+        requires=route_req,
+        description=f"top-k then softmax over the chosen k, up to {Emax} experts; near-ties within the logit bound "
+                    "may go either way")
     add("router", "ties", run_router,
-        lambda pr: _d(T=st.integers(1, 16), D=st.sampled_from([8, 32]), E=st.sampled_from([4, 8, 32]),
-                      k=st.sampled_from([1, 2, 3, 4]), ties=st.just(True)),
-        [dict(T=16, D=8, E=8, k=3, ties=True, seed=0)], requires=["experts:32", "experts_per_token:4"],
+        lambda pr: _d(T=st.integers(1, 16), D=st.sampled_from([8, 32]), E=st.sampled_from(lim.experts(4, 8, 32)),
+                      k=st.sampled_from(k_all), ties=st.just(True)).filter(lambda p: p["k"] <= p["E"]),
+        [dict(T=16, D=8, E=max(lim.experts(4, 8)), k=min(3, kmax), ties=True, seed=0)], requires=route_req,
         exact=True, description="exactly tied logits: lower expert index first")
     add("router", "topk_eq_experts", run_router,
-        lambda pr: _d(T=st.integers(1, 8), D=st.just(64), E=st.just(4), k=st.just(4)),
-        [dict(T=4, D=64, E=4, k=4, seed=0)], requires=["experts:4", "experts_per_token:4"],
+        lambda pr: _d(T=st.integers(1, 8), D=st.just(64), E=st.just(kE), k=st.just(kE)),
+        [dict(T=4, D=64, E=kE, k=kE, seed=0)], requires=[f"experts:{kE}", f"experts_per_token:{kE}"],
         description="k equal to the number of experts")
+    if lim.outside_experts:
+        n = lim.outside_experts
+        add("router", f"refuses_experts_{n}", run_router, None, [dict(T=4, D=64, E=n, k=min(2, kmax), seed=0)],
+            requires=[f"experts:{n}"], description=f"{n} experts are not claimed: must raise NotSupported")
+    if lim.outside_top_k:
+        n = lim.outside_top_k
+        add("router", f"refuses_top{n}", run_router, None, [dict(T=4, D=64, E=max(n, 8), k=n, seed=0)],
+            requires=[f"experts_per_token:{n}"], description=f"top-{n} routing is not claimed: must raise NotSupported")
 
     fmt_req = {"mxfp4": ("mxfp4",), "dense": ("dense_experts",)}
+    moe_fmt = lim.expert_format  # the format of the cases that test something else than the format
+    base_e = dict(w_scale=1.0, x_scale=1.0, routing="random")
     for fmt in ("mxfp4", "dense"):
-        ex = dict(T=12, D=64, I=64, E=8, k=2, format=fmt, w_scale=1.0, x_scale=1.0, routing="random", seed=0)
+        ex = dict(base_e, T=12, D=64, I=64, E=max(lim.experts(4, 8)), k=min(2, kmax), format=fmt, seed=0)
         add("experts", f"random_{fmt}", run_experts,
-            lambda pr, fmt=fmt: _d(T=st.integers(1, 24), D=st.sampled_from([64, 128]), I=st.sampled_from([32, 64]),
-                                   E=st.sampled_from([4, 8, 32]), k=st.sampled_from([1, 2, 4]), format=st.just(fmt),
+            lambda pr, fmt=fmt: _d(T=st.integers(1, 24), D=st.sampled_from([64, 96, 128, 160]),
+                                   I=st.sampled_from([32, 64, 96, 160]), E=st.sampled_from(E_all),
+                                   k=st.sampled_from(lim.top_k(1, 2, 4)), format=st.just(fmt),
                                    w_scale=st.sampled_from([0.5, 1.0, 2.0]), x_scale=st.just(1.0),
                                    routing=st.just("random")).filter(lambda p: p["k"] <= p["E"]),
-            [ex, dict(ex, T=2, E=32, k=4, seed=1), dict(ex, bias_scale=1.0, seed=2)], requires=fmt_req[fmt] + ("experts:32", "experts_per_token:4"),
-            description="MoE layer; includes experts that receive no tokens (E > T·k)")
+            [ex, dict(ex, T=2, E=max(lim.experts(4, 32)), k=kmax, seed=1), dict(ex, bias_scale=1.0, seed=2),
+             dict(ex, T=20, D=96, I=160, E=Emax, k=kmax, seed=3)],  # widths off the power-of-two tiles
+            requires=fmt_req[fmt] + tuple(route_req),
+            description=f"MoE layer, up to {Emax} experts, D and I of 96/160; includes experts that receive no "
+                        "tokens (E > T·k)")
+    for target in ("mlp1", "mlp2"):
+        add("experts", f"long_reduction_{target}", run_experts_reduction,
+            lambda pr, target=target: _d(target=st.just(target), K=st.just(pr.big_k)),
+            [dict(target=target, K=profile.big_k, seed=0)], requires=("mxfp4", "experts:2"), real_shape=True,
+            description=f"{target}'s reduction over K = {profile.big_k} with every other step exact: fp32 "
+                        "accumulation is required, bf16 accumulation is caught")
+    add("experts", "real_width", run_experts, None,
+        [dict(base_e, T=4, D=2880, I=2880, E=2, k=min(2, kmax), format="mxfp4", packed=True, seed=0)],
+        requires=("mxfp4", "experts:2", f"experts_per_token:{min(2, kmax)}"), real_shape=True,
+        description="gpt-oss's widths D = I = 2880 (K tails of 64 past a 128 tile; mlp1 N = 5760), few experts")
     add("experts", "swiglu_clamp", run_experts,
-        lambda pr: _d(T=st.integers(1, 16), D=st.just(64), I=st.just(64), E=st.just(4), k=st.just(2),
-                      format=st.just("mxfp4"), w_scale=st.sampled_from([8.0, 16.0]), x_scale=st.sampled_from([2.0, 4.0]),
-                      routing=st.just("random")),
-        [dict(T=8, D=64, I=64, E=4, k=2, format="mxfp4", w_scale=16.0, x_scale=4.0, routing="random", seed=0)],
-        requires=["mxfp4"], description="activations far beyond ±7: the gate and linear clamps matter")
+        lambda pr: _d(T=st.integers(1, 16), D=st.just(64), I=st.just(64), E=st.just(max(lim.experts(2, 4))),
+                      k=st.just(min(2, kmax)), format=st.just(moe_fmt), w_scale=st.sampled_from([8.0, 16.0]),
+                      x_scale=st.sampled_from([2.0, 4.0]), routing=st.just("random")),
+        [dict(T=8, D=64, I=64, E=max(lim.experts(2, 4)), k=min(2, kmax), format=moe_fmt, w_scale=16.0, x_scale=4.0,
+              routing="random", seed=0)],
+        requires=fmt_req[moe_fmt], description="activations far beyond ±7: the gate and linear clamps matter")
+    add("experts", "swiglu_negative_gate", run_experts,
+        lambda pr: _d(T=st.integers(1, 16), D=st.just(64), I=st.just(64), E=st.just(max(lim.experts(2, 4))),
+                      k=st.just(min(2, kmax)), format=st.just(moe_fmt), w_scale=st.sampled_from([1.0, 2.0]),
+                      x_scale=st.just(1.0), routing=st.just("random"), gate_shift=st.sampled_from([-12.0, -16.0])),
+        [dict(T=12, D=64, I=64, E=max(lim.experts(2, 4)), k=min(2, kmax), format=moe_fmt, w_scale=2.0, x_scale=1.0,
+              routing="random", gate_shift=-16.0, seed=0)],
+        requires=fmt_req[moe_fmt],
+        description="every gate far below -7, mlp2 bias 0: the gate is clamped above only (a clamp below as well "
+                    "is off by ~5e-5 on outputs of ~1e-11)")
     add("experts", "one_expert", run_experts,
-        lambda pr: _d(T=st.integers(1, 32), D=st.just(64), I=st.just(64), E=st.just(8), k=st.sampled_from([1, 2]),
-                      format=st.just("mxfp4"), w_scale=st.just(1.0), x_scale=st.just(1.0), routing=st.just("one_expert")),
-        [dict(T=32, D=64, I=64, E=8, k=1, format="mxfp4", w_scale=1.0, x_scale=1.0, routing="one_expert", seed=0)],
-        requires=["mxfp4"], description="every token routed to the same expert")
+        lambda pr: _d(T=st.integers(1, 32), D=st.just(64), I=st.just(64), E=st.just(max(lim.experts(8))),
+                      k=st.sampled_from(lim.top_k(1, 2)), format=st.just(moe_fmt), w_scale=st.just(1.0),
+                      x_scale=st.just(1.0), routing=st.just("one_expert")),
+        [dict(T=32, D=64, I=64, E=max(lim.experts(8)), k=1, format=moe_fmt, w_scale=1.0, x_scale=1.0,
+              routing="one_expert", seed=0),
+         dict(T=300, D=64, I=64, E=Emax, k=kmax, format=moe_fmt, w_scale=1.0, x_scale=1.0, routing="one_expert",
+              seed=1)],  # a 300-token prompt on one expert: more than one token tile
+        requires=fmt_req[moe_fmt] + tuple(route_req),
+        description=f"every token routed to the same expert, up to 300 tokens ({Emax} experts)")
     add("experts", "topk_eq_experts", run_experts,
-        lambda pr: _d(T=st.integers(1, 8), D=st.just(64), I=st.just(32), E=st.just(4), k=st.just(4),
-                      format=st.just("mxfp4"), w_scale=st.just(1.0), x_scale=st.just(1.0), routing=st.just("random")),
-        [dict(T=4, D=64, I=32, E=4, k=4, format="mxfp4", w_scale=1.0, x_scale=1.0, routing="random", seed=0)],
-        requires=["mxfp4", "experts:4", "experts_per_token:4"], description="k equal to the number of experts")
+        lambda pr: _d(T=st.integers(1, 8), D=st.just(64), I=st.just(32), E=st.just(kE), k=st.just(kE),
+                      format=st.just(moe_fmt), w_scale=st.just(1.0), x_scale=st.just(1.0), routing=st.just("random")),
+        [dict(T=4, D=64, I=32, E=kE, k=kE, format=moe_fmt, w_scale=1.0, x_scale=1.0, routing="random", seed=0)],
+        requires=fmt_req[moe_fmt] + (f"experts:{kE}", f"experts_per_token:{kE}"),
+        description="k equal to the number of experts")
+    if lim.outside_experts:
+        n = lim.outside_experts
+        add("experts", f"refuses_experts_{n}", run_experts, None,
+            [dict(base_e, T=4, D=64, I=32, E=n, k=min(2, kmax), format=moe_fmt, seed=0)],
+            requires=fmt_req[moe_fmt] + (f"experts:{n}",),
+            description=f"{n} experts are not claimed: must raise NotSupported")
+    if lim.outside_top_k:
+        n = lim.outside_top_k
+        add("experts", f"refuses_top{n}", run_experts, None,
+            [dict(base_e, T=4, D=64, I=32, E=max(n, 8), k=n, format=moe_fmt, seed=0)],
+            requires=fmt_req[moe_fmt] + (f"experts_per_token:{n}",),
+            description=f"top-{n} routing is not claimed: must raise NotSupported")
+    E4 = max(lim.experts(4))
     add("experts", "e8m0_nan", run_experts,
-        lambda pr: _d(T=st.integers(4, 16), D=st.just(64), I=st.just(64), E=st.just(4), k=st.just(2),
+        lambda pr: _d(T=st.integers(4, 16), D=st.just(64), I=st.just(64), E=st.just(E4), k=st.just(min(2, kmax)),
                       format=st.just("mxfp4"), w_scale=st.just(1.0), x_scale=st.just(1.0), routing=st.just("random"),
                       nan_scales=st.just(True)),
-        [dict(T=16, D=64, I=64, E=4, k=2, format="mxfp4", w_scale=1.0, x_scale=1.0, routing="random",
+        [dict(T=16, D=64, I=64, E=E4, k=min(2, kmax), format="mxfp4", w_scale=1.0, x_scale=1.0, routing="random",
               nan_scales=True, seed=0)],
-        requires=["mxfp4"], description="E8M0 scale 0xFF is NaN: exactly the outputs that use the block are NaN")
+        requires=["mxfp4", f"experts:{E4}"],
+        description="E8M0 scale 0xFF is NaN: exactly the outputs that use the block are NaN")
+    E8 = max(lim.experts(8))
+    add("experts", "mxfp4_native_footprint", run_native_footprint, None, [dict(E=E8, D=512, I=512, seed=0)],
+        requires=["mxfp4", "mxfp4:native", f"experts:{E8}"],
+        description="mxfp4='native': the prepared experts stay about the packed size (not widened to bf16)")
 
     # Bit-exact dequantization: the scale range keeps every intermediate exact in the dtype.
     wide = dtype != "float16"
@@ -482,12 +809,16 @@ def cases(dtype: str, head_dims: tuple[int, ...], profile: Profile) -> list[Case
         rng = (122, 130) if target == "mlp1" else ((127 - 40, 127 + 40) if wide else (127 - 10, 127 + 5))
         add("experts", f"mxfp4_dequant_{target}", run_mxfp4_exact,
             lambda pr, target=target, rng=rng: _d(target=st.just(target), scale_range=st.just(rng)),
-            [dict(target=target, scale_range=rng, seed=0)], requires=["mxfp4"], exact=True,
+            [dict(target=target, scale_range=rng, seed=0)], requires=["mxfp4", "experts:2"], exact=True,
             description="bit-exact MXFP4 dequantization: every nibble, low nibble first, E8M0 bias 127")
     if wide:
         for name, rng in (("low", (2, 14)), ("high", (240, 252))):
             add("experts", f"mxfp4_scale_extremes_{name}", run_mxfp4_exact,
                 lambda pr, rng=rng: _d(target=st.just("mlp2"), scale_range=st.just(rng)),
-                [dict(target="mlp2", scale_range=rng, seed=0)], requires=["mxfp4"], exact=True,
-                description="E8M0 scales at the ends of the range (down to 2^-125, up to overflow to inf)")
+                [dict(target="mlp2", scale_range=rng, seed=0)], requires=["mxfp4", "experts:2"], exact=True,
+                description="E8M0 scales near the ends of the range (down to 2^-125, up to overflow to inf)")
+        add("experts", "mxfp4_e8m0_every_byte", run_mxfp4_exact,
+            lambda pr: _d(target=st.just("mlp2"), scale_range=st.just("all")),
+            [dict(target="mlp2", scale_range="all", seed=0)], requires=["mxfp4", "experts:2"], exact=True,
+            description="every E8M0 byte 0..255 in one layer: 0 and 1 (subnormal values), 253, 254, 255 = NaN")
     return out

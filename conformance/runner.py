@@ -1,10 +1,16 @@
 """Running the grid: claim check, hypothesis-driven inputs, engine vs oracle, status per case.
 
 For each case: if the manifest does not claim what the case needs, the engine must raise
-``NotSupported`` (→ NOT_SUPPORTED; numbers instead → FAIL). Otherwise the case's explicit examples
-run first, then hypothesis draws (``derandomize=True`` for certification: a fixed stream that every
-rerun repeats; otherwise ``seed``, printed so any failure replays with ``--seed``). The first
-failing draw stops the case (no shrinking unless asked: every draw runs the engine).
+``NotSupported`` (→ NOT_SUPPORTED; numbers instead → FAIL); a claimed *property* that is not claimed
+(determinism, CUDA graphs, 4-bit experts) is simply not checked (NOT_SUPPORTED). Otherwise the case's
+explicit examples run first, then hypothesis draws (``derandomize=True`` for certification: a fixed
+stream that every rerun repeats; otherwise ``seed``, printed so any failure replays with ``--seed``).
+The first failing draw stops the case (no shrinking unless asked: every draw runs the engine).
+
+NOT_RUN (never a pass, and the report is then no certificate): real-shape cases under
+``shapes="small"`` (allowed off CUDA only: a way to check an engine that runs in the Triton
+interpreter), cases that need another device (CUDA graphs on a CPU), and every case after the first
+failure under ``fail_fast``.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from hypothesis import seed as hyp_seed
 from mxmoe.core.backend import BACKEND_API_VERSION, Backend, dtype_name, parse_dtype
 
 from . import SUITE_VERSION
-from .case import (PROFILES, Case, CaseFailure, Ctx, EngineCrash, EngineRefused, Outcome, Profile, Status,
-                   describe, unclaimed)
-from .report import BackendIdentity, CaseResult, Report, RunSettings, Summary, capabilities_hash, environment
+from .case import (PROFILES, PROPERTY_TOKENS, Case, CaseFailure, Ctx, EngineCrash, EngineRefused, Limits, NotRun,
+                   Outcome, Profile, Status, describe, unclaimed)
+from .report import (BackendIdentity, CaseResult, Report, RunSettings, Summary, capabilities_hash, environment,
+                     summarize)
 
 LEVELS = ("L0", "L1", "L2", "L3", "L4")
 DEFAULT_LEVELS = ("L0", "L1", "L2", "L3")  # L4 needs real weights
 PASSING = (Status.PASS, Status.NOT_SUPPORTED, Status.WAIVED)
+SHAPES = ("all", "small")  # "small": real-shape cases are not run (NOT_RUN); refused on CUDA devices
 
 
 class WaiverError(ValueError):
@@ -69,36 +77,45 @@ def build_grid(engine: Backend, *, levels: Sequence[str], dtypes: Sequence[str],
                check_registration: bool = False, weights_path: str | None = None) -> list[Case]:
     from . import blocks, interface, model, ops, real_weights
 
-    caps = engine.capabilities
-    head_dims = tuple(caps.head_dims) if caps.head_dims else (64,)
+    lim = Limits.of(engine.capabilities)  # every case draws inside the engine's claims
     grid: list[Case] = []
     if "L0" in levels:
         grid += interface.cases(engine, dtypes, profile, check_registration)
     for dt in dtypes:
         if "L1" in levels:
-            grid += ops.cases(dt, head_dims, profile)
+            grid += ops.cases(dt, lim, profile)
         if "L2" in levels:
-            grid += blocks.cases(dt, profile)
+            grid += blocks.cases(dt, profile, lim)
         if "L3" in levels:
-            grid += model.cases(dt, profile)
+            grid += model.cases(dt, profile, lim)
         if "L4" in levels:
             grid += real_weights.cases(dt, profile, weights_path)
     return grid
 
 
+def not_run(case: Case, reason: str, replay: str = "") -> CaseResult:
+    """The result of a case that was not run, saying why."""
+    return CaseResult(id=case.id, level=case.level, op=case.op, name=case.name, dtype=case.dtype,
+                      description=case.description, requires=list(case.requires), status=Status.NOT_RUN,
+                      message=f"not run: {reason}", exact=case.exact, real_shape=case.real_shape, replay=replay)
+
+
 def run_case(case: Case, ctx: Ctx, *, derandomize: bool, seed: int, shrink: bool = False,
-             replay: str = "") -> CaseResult:
+             replay: str = "", shapes: str = "all") -> CaseResult:
     t0 = time.perf_counter()
+    if case.real_shape and shapes == "small":
+        return not_run(case, "a real-shape case, excluded by shapes='small' (--shapes small)", replay)
     caps = ctx.engine.capabilities
     missing = [m for m in (unclaimed(caps, tok) for tok in case.requires) if m]
     res = CaseResult(id=case.id, level=case.level, op=case.op, name=case.name, dtype=case.dtype,
                      description=case.description, requires=list(case.requires), status=Status.PASS,
-                     exact=case.exact, replay=replay)
+                     exact=case.exact, real_shape=case.real_shape, replay=replay)
     if missing:
         res.unclaimed = ", ".join(missing)
         draw = case.examples[0] if case.examples else {}
-        if "determinism" in case.requires and unclaimed(caps, "determinism"):
-            res.status, res.message = Status.NOT_SUPPORTED, "not claimed (determinism='none'): not checked"
+        props = [m for tok in case.requires if tok in PROPERTY_TOKENS and (m := unclaimed(caps, tok))]
+        if props:  # a property, not a call: nothing to refuse
+            res.status, res.message = Status.NOT_SUPPORTED, f"not claimed ({', '.join(props)}): not checked"
             res.duration_s = time.perf_counter() - t0
             return res
         try:
@@ -116,6 +133,8 @@ def run_case(case: Case, ctx: Ctx, *, derandomize: bool, seed: int, shrink: bool
         except EngineCrash as e:
             res.status = Status.ERROR
             res.message = f"not claimed ({res.unclaimed}); crashed instead of raising NotSupported: {e}"
+        except NotRun as e:
+            res.status, res.message = Status.NOT_RUN, f"not run: {e}"
         res.examples_run = 1
         res.duration_s = time.perf_counter() - t0
         return res
@@ -129,7 +148,7 @@ def run_case(case: Case, ctx: Ctx, *, derandomize: bool, seed: int, shrink: bool
             raise CaseFailure(o, draw)
 
     try:
-        if case.strategy is None:
+        if case.strategy is None or ctx.profile.examples == 0:
             for draw in case.examples or ({},):
                 body(draw)
         else:
@@ -147,6 +166,8 @@ def run_case(case: Case, ctx: Ctx, *, derandomize: bool, seed: int, shrink: bool
             worst = max((o for _, o in records), key=lambda o: o.ratio)
             res.observed, res.bound, res.ratio = worst.observed, worst.bound, worst.ratio
             res.metrics = worst.metrics
+    except NotRun as e:
+        res.status, res.message = Status.NOT_RUN, f"not run: {e}"
     except CaseFailure as e:
         o = e.outcome
         res.status = Status.FAIL
@@ -179,8 +200,13 @@ def run_suite(backend: Backend | type[Backend], *, levels: Iterable[str] = DEFAU
               profile: str | Profile = "quick", derandomize: bool = False, seed: int | None = None,
               waivers: str | Path | dict[str, str] | None = None, case_filter: Sequence[str] | None = None,
               check_registration: bool = False, weights_path: str | None = None, shrink: bool = False,
-              progress: Callable[[CaseResult], None] | None = None, distribution: str | None = None) -> Report:
-    """Run the conformance suite on ``backend`` (a class or an instance) and return its :class:`Report`."""
+              progress: Callable[[CaseResult], None] | None = None, distribution: str | None = None,
+              shapes: str = "all", fail_fast: bool = False) -> Report:
+    """Run the conformance suite on ``backend`` (a class or an instance) and return its :class:`Report`.
+
+    ``shapes="small"`` leaves out the cases at gpt-oss's real sizes (reported NOT_RUN, so the report is no
+    certificate): for engines that run on a CPU only in an interpreter. Refused on CUDA, where the real
+    shapes always run. ``fail_fast``: stop at the first FAIL or ERROR (the rest are NOT_RUN)."""
     from mxmoe.backends.reference import TorchBackend
 
     t0 = time.perf_counter()
@@ -191,6 +217,11 @@ def run_suite(backend: Backend | type[Backend], *, levels: Iterable[str] = DEFAU
     for lv in levels:
         if lv not in LEVELS:
             raise ValueError(f"unknown level {lv!r}; expected some of {', '.join(LEVELS)}")
+    if shapes not in SHAPES:
+        raise ValueError(f"unknown shapes {shapes!r}; expected one of {', '.join(SHAPES)}")
+    if shapes == "small" and device.type == "cuda":
+        raise ValueError("shapes='small' is for engines checked on a CPU (the Triton interpreter): on a CUDA device "
+                         "the real-shape cases always run")
     if dtypes is None:
         dtypes = list(caps.dtypes)
     dtypes = [dtype_name(parse_dtype(d)) for d in dtypes]
@@ -207,24 +238,30 @@ def run_suite(backend: Backend | type[Backend], *, levels: Iterable[str] = DEFAU
                                        for pat in case_filter)]
     oracle = TorchBackend()
     results: list[CaseResult] = []
+    stopped: str | None = None
     for case in grid:
         dt = parse_dtype(case.dtype or dtypes[0] if dtypes else "float32")
         ctx = Ctx(engine=engine, oracle=oracle, dtype=dt, device=device, profile=profile)
         replay = (f"mxmoe conformance --backend {engine.name} --device {device.type} --case '{case.id}' "
                   f"--profile {profile.name} " + ("--certify" if derandomize else f"--seed {seed}"))
-        r = run_case(case, ctx, derandomize=derandomize, seed=seed or 0, shrink=shrink, replay=replay)
+        if stopped:
+            r = not_run(case, f"--fail-fast stopped the run after {stopped} failed", replay)
+        else:
+            r = run_case(case, ctx, derandomize=derandomize, seed=seed or 0, shrink=shrink, replay=replay,
+                         shapes=shapes)
         if r.status in (Status.FAIL, Status.ERROR):
             reason = _waiver(waiver_map, r.id)
             if reason:
                 r.status, r.waiver_reason = Status.WAIVED, reason
+            elif fail_fast:
+                stopped = r.id
         results.append(r)
         if progress:
             progress(r)
 
-    counts = {s.value: sum(r.status == s for r in results) for s in Status}
     cls = type(engine)
     caps_dump = caps.model_dump(mode="json")
-    return Report(
+    report = Report(
         suite_version=SUITE_VERSION, mxmoe_version=_mxmoe_version(), backend_api_version=BACKEND_API_VERSION,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         backend=BackendIdentity(name=engine.name, version=str(engine.version), api_version=engine.api_version,
@@ -234,10 +271,11 @@ def run_suite(backend: Backend | type[Backend], *, levels: Iterable[str] = DEFAU
         run=RunSettings(levels=levels, dtypes=dtypes, device=str(device), profile=profile.name,
                         derandomize=derandomize, seed=None if derandomize else seed,
                         examples_per_case=profile.examples,
-                        waivers_file=None if waivers is None or isinstance(waivers, dict) else str(waivers)),
-        summary=Summary(counts=counts, passed=bool(results) and all(r.status in PASSING for r in results),
-                        duration_s=time.perf_counter() - t0),
+                        waivers_file=None if waivers is None or isinstance(waivers, dict) else str(waivers),
+                        shapes=shapes, fail_fast=fail_fast, case_filter=list(case_filter) if case_filter else None),
+        summary=Summary(counts={}, passed=False, duration_s=time.perf_counter() - t0),
         cases=results)
+    return summarize(report)
 
 
 def _mxmoe_version() -> str:

@@ -24,8 +24,12 @@ multiplied by ``SAFETY``):
 
 * linear ``y = x Wᵀ + b``: ``2 u_dt (|y| + |b|)`` (the result, and possibly the product before the bias,
   rounded to ``dt``) ``+ γ̃_K u_acc M`` with ``M = |x||W|ᵀ + |b|``.
-* rms_norm: ``(2 u_dt + (γ̃_D + 4) u_acc) |y|``: one or two roundings of the output (normalised, then
-  times the scale), the mean of squares (relative error γ̃_D, halved by the square root), rsqrt.
+* rms_norm: ``½ulp_dt(y) + SAFETY (γ̃_D + 4) u_acc |y|``: the interface promises the whole computation
+  in at least float32 and one rounding to ``dt`` at the end, so an honest result is the correctly rounded
+  float32 one (half an ulp of ``dt``, not ``SAFETY`` × ``u_dt``) plus float32's own errors: the mean of
+  squares (γ̃_D, halved by the square root), rsqrt, the products. An engine that keeps the mean of squares
+  or the normalised value in bf16 lands up to ¾ ulp away and fails (the simulated engines of levels 2 and
+  3 still round twice, ``rms_norm_noise``: slack there, the promise is enforced at level 1).
 * rope: per rotated pair ``(x1, x2)`` with angle θ: ``(4 u_dt + (2|θ| + 4) u_acc) c (|x1| + |x2|)``:
   cos/sin rounded to ``dt``, two products and a sum in ``dt``; the angle ``p·f`` computed in float32
   is off by ``u|θ|`` (twice that, for a conversion on the way) and cos/sin are 1-Lipschitz.
@@ -103,6 +107,17 @@ def floor(dtype: torch.dtype, k: int = 1) -> float:
     return (k + 1) * torch.finfo(dtype).tiny
 
 
+_PRECISION = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}  # significand bits
+
+
+def half_ulp(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at each |y| (float64): the largest error of one correct rounding."""
+    p = _PRECISION[dtype]
+    e = torch.frexp(y.abs()).exponent.to(F64) - 1  # floor(log2|y|)
+    emin = math.log2(torch.finfo(dtype).tiny)
+    return torch.exp2(torch.clamp(e, min=emin) - p)
+
+
 # ---- per-op bounds: float64 operands in, per-element bound (float64, shape of the output) out ----------
 
 def linear_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor,
@@ -110,11 +125,19 @@ def linear_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, y: to
     """y (T, N) = x (T, K) wᵀ (N, K) + b (N,)."""
     K = x.shape[-1]
     absb = b.abs() if b is not None else torch.zeros((), dtype=F64)
-    mag = x.abs() @ w.abs().T + absb
+    mag = _mag(x, w.abs().float()) + absb
     return SAFETY * (2 * u(dtype) * (y.abs() + absb) + gamma(K, dtype) * mag) + floor(dtype, K)
 
 
 def rms_norm_bound(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One rounding to ``dtype`` of a result computed in at least float32 (the interface's promise)."""
+    D = y.shape[-1]
+    f32 = (gamma(D, torch.float32) + 4 * u(torch.float32)) if dtype != F64 else (gamma(D, F64) + 4 * u(F64))
+    return half_ulp(y, dtype) + SAFETY * f32 * y.abs() + floor(dtype, D)
+
+
+def rms_norm_noise(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What the simulated engines of levels 2/3 inject: up to two roundings of the output, plus float32's."""
     D = y.shape[-1]
     return SAFETY * (2 * u(dtype) + (gamma(D, dtype) + 4 * u_acc(dtype))) * y.abs() + floor(dtype, D)
 
@@ -132,23 +155,35 @@ def rope_bound(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
 
 def _sequences(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, sliding_window: int,
                sm_scale: float):
-    """Per sequence of the batch: (start, end, ctx, values (L, Hq, d), unmasked scores (Hq, n, L), their
+    """Per sequence of the batch: (start, end, ctx, values (L, Hkv, d), unmasked scores (Hq, n, L), their
     magnitude Σ|q||k|·scale, the causal/window mask (n, L)) — what attention_bound and the simulated
-    honest attention both start from."""
+    honest attention both start from. GQA by grouping (query head h reads KV head h // G), never by
+    repeating the keys: a 64-sequence decode batch at gpt-oss's heads stays cheap."""
     Hq, Hkv = q.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
     for start, end, row, ctx in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist(),
                                     batch.cache_rows.tolist(), batch.context_lens.tolist()):
-        qs = q[start:end]  # (n, Hq, d)
-        ks = k_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)  # (L, Hq, d)
-        vs = v_cache[row, :ctx].repeat_interleave(Hq // Hkv, dim=1)
-        scores = torch.einsum("nhd,lhd->hnl", qs, ks) * sm_scale  # (Hq, n, L)
-        smag = torch.einsum("nhd,lhd->hnl", qs.abs(), ks.abs()) * sm_scale
+        n = end - start
+        qs = q[start:end].reshape(n, Hkv, G, -1)  # (n, Hkv, G, d)
+        ks = k_cache[row, :ctx]  # (L, Hkv, d)
+        vs = v_cache[row, :ctx]
+        scores = torch.einsum("nkgd,lkd->kgnl", qs, ks).reshape(Hq, n, ctx) * sm_scale  # (Hq, n, L)
+        # Magnitudes (bounds only) in float32: a relative error of 1e-6 in a bound is immaterial.
+        smag = torch.einsum("nkgd,lkd->kgnl", qs.abs().float(), ks.abs().float()).reshape(Hq, n, ctx).to(F64)
+        smag *= sm_scale * (1 + 2 ** -10)
         q_pos = batch.positions[start:end].cpu()[:, None]
         k_pos = torch.arange(ctx)[None, :]
         allowed = k_pos <= q_pos
         if sliding_window:
             allowed &= q_pos - k_pos < sliding_window
         yield start, end, ctx, vs, scores, smag, allowed
+
+
+def _pv(p: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    """Σ_l p (Hq, n, L) · vs (L, Hkv, d) → (Hq, n, d), query head h reading KV head h // (Hq / Hkv)."""
+    Hq, n, L = p.shape
+    Hkv, d = vs.shape[1], vs.shape[2]
+    return torch.einsum("kgnl,lkd->kgnd", p.reshape(Hkv, Hq // Hkv, n, L), vs).reshape(Hq, n, d)
 
 
 def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
@@ -169,8 +204,9 @@ def attention_bound(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ds_sink = ud * sinks.to(F64).abs()[:, None, None]  # a sink kept in dt
         pds = p * ds
         o = out[start:end].permute(1, 0, 2)  # (Hq, n, d)
-        first = torch.einsum("hnl,lhd->hnd", pds, vs.abs()) + (pds.sum(-1, keepdim=True) + p_sink * ds_sink) * o.abs()
-        pv = torch.einsum("hnl,lhd->hnd", p, vs.abs())
+        av = vs.abs()
+        first = _pv(pds, av) + (pds.sum(-1, keepdim=True) + p_sink * ds_sink) * o.abs()
+        pv = _pv(p, av)
         L = max(int(ctx), 1)
         b = first + (ud + gamma(L, dtype)) * pv + (ud + 8 * ua) * o.abs()
         bound[start:end] = (SAFETY * b + floor(dtype, L + d)).permute(1, 0, 2)
@@ -188,31 +224,64 @@ def swiglu_parts(h: torch.Tensor, alpha: float, limit: float):
     return s, dg, dl
 
 
-def experts_bound(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w1: torch.Tensor,
-                  b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, alpha: float, limit: float,
-                  out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (T, D); weights/indices (T, k); w1 (E, 2I, D), b1 (E, 2I), w2 (E, D, I), b2 (E, D): float64."""
+def experts_bound(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, mlp1, mlp2, alpha: float,
+                  limit: float, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (T, D); weights/indices (T, k) float64/int64; mlp1 (E, 2I, D), mlp2 (E, D, I): ExpertLinear layers
+    (read one expert at a time, in float64: real-sized layers never exist dense)."""
     T, D = x.shape
     k = indices.shape[1]
-    I = w2.shape[2]
+    I = mlp2.in_features
     ud, ua = u(dtype), u_acc(dtype)
     acc = torch.zeros_like(out)
     wy = torch.zeros_like(out)
-    for slot in range(k):
-        e = indices[:, slot].cpu()
-        W1, B1, W2, B2 = w1[e], b1[e], w2[e], b2[e]  # (T, 2I, D), (T, 2I), (T, D, I), (T, D)
-        h = torch.einsum("tnd,td->tn", W1, x) + B1
-        dh = 2 * ud * (h.abs() + B1.abs()) + gamma(D, dtype) * (torch.einsum("tnd,td->tn", W1.abs(), x.abs()) + B1.abs())
+    idx = indices.cpu()
+    for e in torch.unique(idx).tolist():
+        token, slot = torch.nonzero(idx == e, as_tuple=True)
+        xe = x[token]  # (n, D)
+        W1, B1 = mlp1.expert_weight(e, F64), mlp1.bias[e].to(F64)  # (2I, D), (2I,)
+        h = xe @ W1.T + B1
+        del W1
+        dh = 2 * ud * (h.abs() + B1.abs()) + gamma(D, dtype) * (_mag(xe, mlp1, e) + B1.abs())
         s, dg, dl = swiglu_parts(h, alpha, limit)
         ds = dg * dh[:, 0::2] + dl * dh[:, 1::2] + (2 * ud + 4 * ua) * s.abs()
-        y = torch.einsum("tdi,ti->td", W2, s) + B2
-        mag2 = torch.einsum("tdi,ti->td", W2.abs(), s.abs()) + B2.abs()
-        dy = torch.einsum("tdi,ti->td", W2.abs(), ds) + 2 * ud * (y.abs() + B2.abs()) + gamma(I, dtype) * mag2
-        wk = weights[:, slot, None].abs()
-        acc += wk * dy
-        wy += wk * y.abs()
+        W2, B2 = mlp2.expert_weight(e, F64), mlp2.bias[e].to(F64)  # (D, I), (D,)
+        y = s @ W2.T + B2
+        del W2
+        A2 = mlp2.expert_weight(e, torch.float32).abs()
+        mag2 = _mag(s, A2) + B2.abs()
+        dy = _mag(ds, A2) + 2 * ud * (y.abs() + B2.abs()) + gamma(I, dtype) * mag2
+        wk = weights[token, slot, None].abs().to(F64)
+        acc.index_add_(0, token, wk * dy)
+        wy.index_add_(0, token, wk * y.abs())
     b = acc + (k + 1) * ud * wy + ud * out.abs()
     return SAFETY * b + floor(dtype, D + I)
+
+
+def experts_exact_hidden_bound(x: torch.Tensor, indices: torch.Tensor, mlp1, mlp2, alpha: float, limit: float,
+                               out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """For inputs that make everything but mlp2's reduction exact in every dtype — SwiGLU exact, one expert per
+    token with weight 1, mlp2's bias 0 — an honest engine rounds mlp2's float32 sum to ``dtype`` once (the
+    weight, the bias and the sum over one expert are exact) and adds only float32's accumulation error:
+    ``½ulp`` (+2^-6 of it) plus that. Accumulating in a 16-bit dtype (bf16 or fp16) lands ulps away."""
+    assert indices.shape[1] == 1 and not bool(mlp2.bias.any()), "needs k = 1 and a zero mlp2 bias"
+    I = mlp2.in_features
+    mag = torch.zeros_like(out)
+    idx = indices[:, 0].cpu()
+    for e in torch.unique(idx).tolist():
+        token = torch.nonzero(idx == e)[:, 0]
+        h = x[token] @ mlp1.expert_weight(e, F64).T + mlp1.bias[e].to(F64)
+        s = swiglu_parts(h, alpha, limit)[0]
+        mag[token] = _mag(s, mlp2.expert_weight(e, torch.float32).abs())
+    return (1 + 2 ** -6) * half_ulp(out, dtype) + SAFETY * gamma(I, torch.float32 if dtype != F64 else F64) * mag \
+        + floor(dtype, I)
+
+
+def _mag(a: torch.Tensor, w, e: int | None = None) -> torch.Tensor:
+    """|a| @ |W|ᵀ for bounds, in float32 (rounded up by 2^-10: its own relative error is far below that).
+    ``w``: a weight (N, K) already made non-negative in float32, or an ExpertLinear and the expert ``e``."""
+    if e is not None:
+        w = w.expert_weight(e, torch.float32).abs()
+    return (a.abs().float() @ w.T).to(F64) * (1 + 2 ** -10)
 
 
 def kl_bound(logit_bound_row: torch.Tensor) -> torch.Tensor:
@@ -341,7 +410,7 @@ def _noisy_oracle_class():
         def rms_norm(self, x, scale, eps):
             y = super().rms_norm(x, scale, eps)
             # + the engine's residual stream, rounded to dt at every add: a relative error of y.
-            return self._noise(y, rms_norm_bound(y, self.sim_dtype) + u(self.sim_dtype) * y.abs())
+            return self._noise(y, rms_norm_noise(y, self.sim_dtype) + u(self.sim_dtype) * y.abs())
 
         def linear(self, x, layer):
             y = super().linear(x, layer)
@@ -368,8 +437,8 @@ def _noisy_oracle_class():
                 sk = self._noise(sk, SAFETY * ud * sk.abs())
                 p = torch.softmax(torch.cat((scores, sk), dim=-1), dim=-1)[..., :-1]
                 p = self._noise(p, SAFETY * ud * p)
-                acc = torch.einsum("hnl,lhd->hnd", p, vs)
-                pv = torch.einsum("hnl,lhd->hnd", p, vs.abs())
+                acc = _pv(p, vs)
+                pv = _pv(p, vs.abs())
                 acc = self._noise(acc, SAFETY * (gamma(max(int(ctx), 1), dt) * pv + (ud + 8 * ua) * acc.abs()))
                 out[start:end] = acc.permute(1, 0, 2) + floor(dt, ctx + d)
             return out
@@ -385,25 +454,31 @@ def _noisy_oracle_class():
             # ± its per-element bound (experts_bound's terms) and propagated through the real computation.
             dt = self.sim_dtype
             ud, ua = u(dt), u_acc(dt)
-            w1, b1 = experts.mlp1.dense(F64), experts.mlp1.bias.to(F64)
-            w2, b2 = experts.mlp2.dense(F64), experts.mlp2.bias.to(F64)
             T, D = x.shape
-            I = w2.shape[2]
+            I = experts.mlp2.in_features
             out = torch.zeros(T, D, dtype=F64)
             mag = torch.zeros(T, D, dtype=F64)
             idx = expert_indices.cpu()
-            for e in torch.unique(idx).tolist():
+            # A simulated 16-bit engine's products may be computed in float32: their rounding (~1e-7) is far
+            # inside the noise injected for it (>= 2^-11 relative), and real-sized layers run twice as fast.
+            work = torch.float32 if u(dt) >= u(torch.float16) else F64
+            for e in torch.unique(idx).tolist():  # one expert's weights at a time (real sizes never fit dense)
                 token, slot = torch.nonzero(idx == e, as_tuple=True)
                 xe = x[token]
-                W1, B1, W2, B2 = w1[e], b1[e], w2[e], b2[e]
-                h = xe @ W1.T + B1
+                W1, B1 = experts.mlp1.expert_weight(e, work), experts.mlp1.bias[e].to(F64)
+                h = (xe.to(work) @ W1.T).to(F64) + B1
+                A1 = W1.abs() if work == torch.float32 else experts.mlp1.expert_weight(e, torch.float32).abs()
                 h = self._noise(h, SAFETY * (2 * ud * (h.abs() + B1.abs()) + gamma(D, dt) * (
-                    xe.abs() @ W1.abs().T + B1.abs())))
+                    _mag(xe, A1) + B1.abs())))
+                del W1, A1
                 s = swiglu_parts(h, swiglu_alpha, swiglu_limit)[0]
                 s = self._noise(s, SAFETY * (2 * ud + 4 * ua) * s.abs())
-                y = s @ W2.T + B2
+                W2, B2 = experts.mlp2.expert_weight(e, work), experts.mlp2.bias[e].to(F64)
+                y = (s.to(work) @ W2.T).to(F64) + B2
+                A2 = W2.abs() if work == torch.float32 else experts.mlp2.expert_weight(e, torch.float32).abs()
                 y = self._noise(y, SAFETY * (2 * ud * (y.abs() + B2.abs()) + gamma(I, dt) * (
-                    s.abs() @ W2.abs().T + B2.abs())))
+                    _mag(s, A2) + B2.abs())))
+                del W2, A2
                 wy = expert_weights[token, slot, None].to(F64) * y
                 out.index_add_(0, token, wy)
                 mag.index_add_(0, token, wy.abs())

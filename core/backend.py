@@ -9,8 +9,10 @@ Hq/Hkv query/KV heads, d head_dim.
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -20,7 +22,9 @@ from .weights import ExpertLinear
 
 # Semantic version of this interface. A backend declares the range it was written for
 # (``Backend.api_version``, e.g. ">=1.0,<2"); a major bump means an incompatible change.
-BACKEND_API_VERSION = "1.0.0"
+# 1.1: the base class enforces the claims (Backend.check_claims), the public prepared-experts type
+# ``Experts``, RMSNorm rounded once.
+BACKEND_API_VERSION = "1.1.0"
 
 # The ops an engine may serve; per-op overrides name these.
 OPS: tuple[str, ...] = ("embedding", "rms_norm", "linear", "rope", "attention", "router", "experts")
@@ -36,7 +40,11 @@ class NotSupported(Exception):
 
 
 class Capabilities(BaseModel):
-    """What a backend claims, as data. Anything not claimed must raise :class:`NotSupported`."""
+    """What a backend claims, as data. Anything not claimed must raise :class:`NotSupported`.
+
+    The base class enforces every claim it can see from an op's arguments (see
+    :meth:`Backend.check_claims`), so an engine states its limits once, here.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -44,14 +52,17 @@ class Capabilities(BaseModel):
     devices: tuple[str, ...] = ("cpu",)  # torch device types: "cpu", "cuda" (ROCm builds report "cuda" too)
     dtypes: tuple[str, ...] = ("float32",)  # activation dtypes: "float64", "float32", "bfloat16", ...
     head_dims: tuple[int, ...] | None = None  # None = any
-    attention_sinks: bool = True
-    sliding_window: bool = True
-    mxfp4: Literal["native", "dequantized", "none"] = "none"  # how MXFP4 experts are computed
+    attention_sinks: bool = True  # False: refuses attention (gpt-oss always passes sinks)
+    sliding_window: bool = True  # False: refuses attention with a non-zero window
+    # How MXFP4 experts are computed: "native" keeps them 4-bit (prepared weights stay about the packed size),
+    # "dequantized" may widen them, "none" refuses MXFP4 experts.
+    mxfp4: Literal["native", "dequantized", "none"] = "none"
     dense_experts: bool = True  # accepts experts stored dense (the Hugging Face bf16 layout)
-    max_experts: int | None = None
-    max_experts_per_token: int | None = None
-    max_context: int | None = None
+    max_experts: int | None = None  # experts per layer (router width); None = any
+    max_experts_per_token: int | None = None  # top-k; None = any
+    max_context: int | None = None  # keys one sequence attends to (cached + new), and positions below it
     cuda_graphs: bool = False  # decode ops are capturable (no host sync, static shapes)
+    # "run_to_run": the same inputs twice give the same bits; "bitwise": also in a freshly prepared model.
     determinism: Literal["bitwise", "run_to_run", "none"] = "run_to_run"
 
 
@@ -71,18 +82,58 @@ class Linear:
     bias: torch.Tensor | None  # (N,)
 
 
+@dataclass
+class Experts:
+    """A layer's MoE experts as the reference engine keeps them: the canonical MXFP4 (or dense) layers on the
+    engine's device, activations in ``dtype``.
+
+    What ``prepare_experts`` returns is the engine's own business (each engine owns its layout and gets it
+    back in ``experts``); this type is public so that engines built on the reference's layout need no
+    private import.
+    """
+
+    mlp1: ExpertLinear  # (E, 2I, D): gate and linear rows interleaved
+    mlp2: ExpertLinear  # (E, D, I)
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.mlp1.num_experts != self.mlp2.num_experts:
+            raise ValueError(f"mlp1 has {self.mlp1.num_experts} experts and mlp2 {self.mlp2.num_experts}")
+
+    @property
+    def num_experts(self) -> int:
+        return self.mlp1.num_experts
+
+
 class Backend:
     """Base class of every engine. Subclasses set the class attributes and override the ops they claim.
 
     An op a backend does not override raises :class:`NotSupported` — the interface's way of saying
     "not offered", so the selection layer can route that op elsewhere.
+
+    Claims are enforced here: every op and ``prepare_*`` method a subclass defines first checks its
+    arguments against ``capabilities`` (:meth:`check_claims`: op, device, dtype, head dim, window, sinks,
+    context, expert count, top-k, expert format) and raises :class:`NotSupported` outside them. The
+    check reads only shapes, dtypes and host-side integers (no device synchronisation: CUDA graphs can
+    capture it), and runs once per outer call (an op that calls another op of the same engine is not
+    checked twice). A claim the arguments cannot show without a device read (the largest RoPE position)
+    stays the engine's to check. ``enforce_claims = False`` turns this off for an engine that checks
+    everything itself.
     """
 
     name: ClassVar[str] = "abstract"
     version: ClassVar[str] = "0"
     api_version: ClassVar[str] = ">=1.0,<2"  # range of BACKEND_API_VERSION this engine was written for
-    priority: ClassVar[int] = 0  # higher wins under ``auto``
+    priority: ClassVar[int] = 0  # higher wins under ``auto``; ties go to the built-in engines, then by name
     capabilities: ClassVar[Capabilities] = Capabilities()
+    enforce_claims: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for op, guard in _GUARDS.items():
+            fn = cls.__dict__.get(op)
+            if callable(fn) and not isinstance(fn, (staticmethod, classmethod)) and not hasattr(fn, "__claims__"):
+                setattr(cls, op, _enforcing(fn, guard))
 
     def probe(self, device: torch.device | str | None = None) -> Probe:
         """Can this engine run here? Must not raise for a missing dependency or device: say why instead."""
@@ -94,10 +145,43 @@ class Backend:
         caps = self.capabilities
         if op is not None and op not in caps.ops:
             raise NotSupported(self.name, f"op {op!r} (claims {', '.join(caps.ops)})")
-        if device is not None and torch.device(device).type not in caps.devices:
-            raise NotSupported(self.name, f"device {torch.device(device).type!r} (claims {', '.join(caps.devices)})")
+        kind = device.type if isinstance(device, torch.device) else None if device is None else torch.device(device).type
+        if kind is not None and kind not in caps.devices:
+            raise NotSupported(self.name, f"device {kind!r} (claims {', '.join(caps.devices)})")
         if dtype is not None and dtype_name(dtype) not in caps.dtypes:
             raise NotSupported(self.name, f"dtype {dtype_name(dtype)} (claims {', '.join(caps.dtypes)})")
+
+    def check_claims(self, op: str | None, x: torch.Tensor | None = None, *, device: torch.device | str | None = None,
+                     dtype: torch.dtype | None = None, head_dim: int | None = None, sliding_window: int = 0,
+                     sinks: bool = False, context: int | None = None, num_experts: int | None = None,
+                     top_k: int | None = None, expert_format: Literal["mxfp4", "dense"] | None = None) -> None:
+        """Raise :class:`NotSupported` unless the capabilities claim this call: :meth:`check` (op, and the
+        device and dtype of ``x`` or the ones given), then head dim, window, sinks, ``context`` keys,
+        ``num_experts``, ``top_k`` and the expert storage format. ``op=None``: a dense layer, claimed when
+        either ``linear`` or ``router`` is. Called by the base class before every op (see the class
+        docstring); engines may call it for their own paths too."""
+        caps = self.capabilities
+        if x is not None:
+            device, dtype = x.device, x.dtype
+        if op is None and not ("linear" in caps.ops or "router" in caps.ops):
+            raise NotSupported(self.name, f"dense layers (claims neither 'linear' nor 'router': {', '.join(caps.ops)})")
+        self.check(op=op, device=device, dtype=dtype)
+        if head_dim is not None and caps.head_dims is not None and head_dim not in caps.head_dims:
+            raise NotSupported(self.name, f"head_dim {head_dim} (claims {', '.join(map(str, caps.head_dims))})")
+        if sinks and not caps.attention_sinks:
+            raise NotSupported(self.name, "attention sinks")
+        if sliding_window and not caps.sliding_window:
+            raise NotSupported(self.name, f"sliding-window attention (window {sliding_window})")
+        if context is not None and caps.max_context is not None and context > caps.max_context:
+            raise NotSupported(self.name, f"a context of {context} keys (claims at most {caps.max_context})")
+        if num_experts is not None and caps.max_experts is not None and num_experts > caps.max_experts:
+            raise NotSupported(self.name, f"{num_experts} experts (claims at most {caps.max_experts})")
+        if top_k is not None and caps.max_experts_per_token is not None and top_k > caps.max_experts_per_token:
+            raise NotSupported(self.name, f"top-{top_k} routing (claims at most {caps.max_experts_per_token})")
+        if expert_format == "mxfp4" and caps.mxfp4 == "none":
+            raise NotSupported(self.name, "MXFP4 experts (claims mxfp4='none')")
+        if expert_format == "dense" and not caps.dense_experts:
+            raise NotSupported(self.name, "dense (bf16) experts (claims dense_experts=False)")
 
     # ---- weight preparation: once, at load ---------------------------------------------------------
     def prepare_linear(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
@@ -116,7 +200,8 @@ class Backend:
         raise NotSupported(self.name, "op 'embedding'")
 
     def rms_norm(self, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-        """(T, D) → (T, D): ``x / sqrt(mean(x²) + eps) * scale``, computed in at least float32."""
+        """(T, D) → (T, D): ``x / sqrt(mean(x²) + eps) * scale``, computed in at least float32 (the mean of
+        squares too, and the product with the float32 ``scale``) and rounded once, at the end, to x's dtype."""
         raise NotSupported(self.name, "op 'rms_norm'")
 
     def linear(self, x: torch.Tensor, layer: Any) -> torch.Tensor:
@@ -155,6 +240,66 @@ class Backend:
         linear = h[1::2] clamped to ±``swiglu_limit``; out = gate·σ(α·gate)·(linear + 1).
         """
         raise NotSupported(self.name, "op 'experts'")
+
+
+# ---- claim enforcement (Backend.__init_subclass__) -----------------------------------------------------
+
+def _num_experts(prepared: Any) -> int | None:
+    """Experts in a prepared router gate or expert layer, when its type shows it (engines' own types may not)."""
+    if isinstance(prepared, Experts):
+        return prepared.num_experts
+    if isinstance(prepared, Linear):
+        return prepared.weight.shape[0]
+    return None
+
+
+def _format(*layers: ExpertLinear) -> Literal["mxfp4", "dense"]:
+    return "mxfp4" if any(e.is_mxfp4 for e in layers) else "dense"
+
+
+# One guard per op: the same parameters as the op, checking what they show against the claims.
+_GUARDS: dict[str, Callable[..., None]] = {
+    "prepare_linear": lambda self, weight, bias, dtype, device, *a, **kw: self.check_claims(
+        None, device=device, dtype=dtype),
+    "prepare_experts": lambda self, mlp1, mlp2, dtype, device, *a, **kw: self.check_claims(
+        "experts", device=device, dtype=dtype, num_experts=mlp1.num_experts, expert_format=_format(mlp1, mlp2)),
+    "embedding": lambda self, token_ids, weight, *a, **kw: self.check_claims("embedding", weight),
+    "rms_norm": lambda self, x, *a, **kw: self.check_claims("rms_norm", x),
+    "linear": lambda self, x, *a, **kw: self.check_claims("linear", x),
+    "rope": lambda self, q, *a, **kw: self.check_claims("rope", q, head_dim=q.shape[-1]),
+    "attention": lambda self, q, k, v, sinks, k_cache, v_cache, batch, sliding_window, *a, **kw: self.check_claims(
+        "attention", q, head_dim=q.shape[-1], sinks=sinks is not None, sliding_window=sliding_window,
+        context=batch.max_context_len),
+    "router": lambda self, x, gate, top_k, *a, **kw: self.check_claims(
+        "router", x, num_experts=_num_experts(gate), top_k=top_k),
+    "experts": lambda self, x, expert_weights, expert_indices, experts, *a, **kw: self.check_claims(
+        "experts", x, num_experts=_num_experts(experts), top_k=expert_indices.shape[-1],
+        expert_format=_format(experts.mlp1, experts.mlp2) if isinstance(experts, Experts) else None),
+}
+
+_active = threading.local()  # ids of the engines inside a checked call, per thread
+
+
+def _enforcing(fn: Callable[..., Any], guard: Callable[..., None]) -> Callable[..., Any]:
+    """``fn`` (an op of a Backend subclass), checking its arguments against the claims first."""
+
+    @functools.wraps(fn)
+    def op(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.enforce_claims or torch.compiler.is_compiling():
+            return fn(self, *args, **kwargs)
+        active = _active.__dict__.setdefault("ids", set())
+        key = id(self)
+        if key in active:  # an op called from another op (or through super()) of the same engine
+            return fn(self, *args, **kwargs)
+        guard(self, *args, **kwargs)
+        active.add(key)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            active.discard(key)
+
+    op.__claims__ = True  # type: ignore[attr-defined]
+    return op
 
 
 _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",

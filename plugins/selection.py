@@ -19,12 +19,16 @@ A spec is ``auto``, a backend name, per-op overrides, or a default followed by o
 ``"torch"``, ``"attention=compile,moe=torch"``, ``"torch,attention=compile"``, or the same as a dict
 (``{"default": "torch", "attention": "compile"}``). Keys are the ops of
 :data:`mxmoe.core.backend.OPS` or the groups of :data:`OP_GROUPS`; an op named explicitly wins over its
-group. ``auto`` picks, per op, the available backend with the highest declared priority.
+group. ``auto`` picks, per op, the available backend with the highest declared priority. A tie is never
+settled silently: a built-in engine wins a tie with a plugin's (an engine subclassing the reference
+inherits its priority), ties among plugins go by name with a :class:`BackendTieWarning`, and the trace
+says which rule decided.
 
-Strict mode (``strict=True``, ``MXMOE_STRICT=1`` or ``strict = true`` in the config; any of them
-suffices) raises :class:`BackendSelectionError` when a requested backend cannot serve an op. Otherwise
-the op falls back to the best available backend, with a :class:`BackendFallbackWarning` and a warning
-in the trace.
+A requested name that no plugin registers is always an error (:class:`BackendSelectionError`, listing
+the registered names and any plugin that failed to load). Strict mode (``strict=True``, ``MXMOE_STRICT=1``
+or ``strict = true`` in the config; any of them suffices) raises it too when a requested, registered
+backend cannot serve an op. Otherwise such an op falls back to the best available backend, with a
+:class:`BackendFallbackWarning` (one line per op) and a warning in the trace.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mxmoe.core.backend import OPS, Backend, NotSupported, Probe, dtype_name, parse_dtype
 
-from .discovery import BackendInfo, PluginInfo, Registry, _truthy, discover
+from .discovery import BUILTIN, BackendInfo, PluginInfo, Registry, _truthy, discover
 
 try:
     import tomllib
@@ -66,7 +70,7 @@ OP_GROUPS: dict[str, tuple[str, ...]] = {
 _GROUPS_TEXT = ", ".join(f"{g}={'+'.join(ops)}" for g, ops in OP_GROUPS.items())
 
 RejectionKind = Literal["unknown", "api_version", "duplicate", "invalid", "error", "unavailable",
-                        "not_supported", "not_requested", "lower_priority"]
+                        "not_supported", "not_requested", "lower_priority", "priority_tie"]
 
 
 class SpecError(ValueError):
@@ -83,6 +87,10 @@ class BackendSelectionError(RuntimeError):
 
 class BackendFallbackWarning(UserWarning):
     """A requested backend could not serve an op, which runs on another one (non-strict mode)."""
+
+
+class BackendTieWarning(UserWarning):
+    """Under ``auto``, plugin backends of equal priority could serve an op: settled by name order."""
 
 
 class Rejection(BaseModel):
@@ -202,6 +210,9 @@ def parse_spec(spec: str | Mapping[str, str] | BackendSpec | None, source: str =
                 continue
             if "=" in part:
                 key, _, value = part.partition("=")
+                if "=" in value:
+                    raise SpecError(f"{source}: {part!r}: expected op=name (one '=' per override, overrides "
+                                    "separated by commas)")
                 pairs.append((key.strip(), value.strip()))
             elif default is not None:
                 raise SpecError(f"{source}: {spec!r} names two defaults ({default!r} and {part!r}); "
@@ -315,8 +326,8 @@ def _candidates(registry: Registry, device: torch.device, dtype: torch.dtype) ->
         if not c.probe.available:
             c.problem = Rejection(backend=info.name, kind="unavailable",
                                   reason=c.probe.reason or "probe says unavailable (no reason given)")
-    # Highest priority first; ties by name, for a stable answer.
-    out.sort(key=lambda c: (-c.info.priority, c.info.name))
+    # Highest priority first; at equal priority the built-ins, then by name (see _tie_note).
+    out.sort(key=lambda c: (-c.info.priority, c.info.plugin != BUILTIN, c.info.name))
     return out
 
 
@@ -334,6 +345,19 @@ def _op_problem(c: _Candidate, op: str, model_config: Any) -> Rejection | None:
         return Rejection(backend=c.info.name, kind="error",
                          reason=f"check for {op!r} raised {type(e).__name__}: {e}")
     return None
+
+
+def _tie_note(op: str, chosen: _Candidate, tied: list[_Candidate]) -> tuple[str, str | None]:
+    """How an ``auto`` tie at the top was settled: (trace note, warning or None). Built-in engines win ties
+    (a plugin subclassing the reference inherits its priority and must not displace it by name); ties
+    among plugins go by name, with a warning, since nothing says which one the user wants."""
+    names = ", ".join(repr(c.info.name) for c in tied)
+    if chosen.info.plugin == BUILTIN and all(c.info.plugin != BUILTIN for c in tied):
+        return f"tied with {names} at priority {chosen.info.priority}: built-in engines win ties", None
+    warning = (f"auto: {chosen.info.name!r} and {names} have the same priority {chosen.info.priority} and can all "
+               f"serve {op!r}; tie settled by name order in favour of {chosen.info.name!r} (name one with "
+               "--backend, or give them different priorities)")
+    return f"tied with {names} at priority {chosen.info.priority}: tie settled by name order", warning
 
 
 def _check_model(b: Backend, op: str, cfg: Any) -> None:
@@ -373,7 +397,8 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
         context are checked against the capabilities too.
     :param registry: the discovered plugins (default: :func:`mxmoe.plugins.discover`).
     :return: a :class:`Resolution`; ``.ops`` maps each op to a backend instance (one per backend class).
-    :raises BackendSelectionError: no backend can serve some op; or, in strict mode, a requested one cannot.
+    :raises BackendSelectionError: no backend can serve some op; a requested name is not registered; or,
+        in strict mode, a requested backend cannot serve an op.
     :raises SpecError: the spec or the config file is malformed.
     """
     device = torch.device(device)
@@ -397,7 +422,8 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
     res = Resolution(ops={}, trace=[], spec=parsed, source=source, strict=strict, device=str(device),
                      dtype=dtype_name(dtype), config_file=None if config_path is None else str(config_path),
                      plugins=registry.plugins)
-    failures: list[str] = []
+    failures: list[tuple[str, str]] = []  # (op, why)
+    unknown: dict[str, list[str]] = {}  # requested names no plugin registers → the ops asking for them
     for op in OPS:
         requested = parsed.requested(op)
         problems = {id(c): _op_problem(c, op, model_config) for c in candidates}
@@ -410,6 +436,13 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
             chosen = best
             if chosen is not None:
                 decision.reason = f"auto: highest priority ({chosen.info.priority}) of the backends able to serve it"
+                tied = [c for c in able[1:] if c.info.priority == chosen.info.priority]
+                if tied:
+                    note, tie_warning = _tie_note(op, chosen, tied)
+                    decision.reason += f"; {note}"
+                    if tie_warning:
+                        decision.warning = tie_warning
+                        res.warnings.append(f"op {op!r}: {tie_warning}")
         else:
             # (a refused duplicate of the name is not the backend that was asked for)
             target = next((c for c in candidates if c.info.name == requested and c.info.problem_kind != "duplicate"),
@@ -423,13 +456,16 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
                     plugin = registry.plugin(requested)
                     if plugin is not None and plugin.status != "loaded":
                         why += f"; plugin {plugin.name!r} is {plugin.status}: {plugin.reason}"
+                    unknown.setdefault(requested, []).append(op)
                 else:
                     rej = problems[id(target)]
                     why = f"backend {requested!r} cannot serve it: {rej.kind}: {rej.reason}"
-                if strict:
+                # A name no plugin registers is an error even without strict mode: a typo must not quietly
+                # run on another engine. Only a known engine that cannot serve the op here falls back.
+                if strict or target is None:
                     refused = True
-                    failures.append(f"{op}: {why}")
-                    decision.reason = f"strict mode refuses a fallback: {why}"
+                    failures.append((op, why))
+                    decision.reason = f"strict mode refuses a fallback: {why}" if strict else why
                 elif best is not None:
                     chosen = best
                     decision.fallback = True
@@ -440,7 +476,7 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
             decision.backend = chosen.info.name
             res.ops[op] = chosen.instance
         elif not refused:
-            failures.append(f"{op}: no backend can serve it")
+            failures.append((op, "no backend can serve it"))
             decision.reason = decision.reason or "no backend can serve it"
         for c in candidates:
             if chosen is not None and c is chosen:
@@ -450,6 +486,11 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
                 if requested != AUTO and not decision.fallback:
                     rej = Rejection(backend=c.info.name, kind="not_requested",
                                     reason=f"{source} asks for {requested!r}")
+                elif chosen is not None and c.info.priority == chosen.info.priority:
+                    rule = ("built-in engines win ties" if chosen.info.plugin == BUILTIN and c.info.plugin != BUILTIN
+                            else "tie settled by name order")
+                    rej = Rejection(backend=c.info.name, kind="priority_tie",
+                                    reason=f"priority {c.info.priority} ties with {chosen.info.name!r}: {rule}")
                 else:
                     rej = Rejection(backend=c.info.name, kind="lower_priority",
                                     reason=f"priority {c.info.priority} < {chosen.info.priority} of "
@@ -460,11 +501,40 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
         res.trace.append(decision)
 
     if failures:
-        raise BackendSelectionError("cannot choose a backend for every op:\n  " + "\n  ".join(failures), res)
+        raise BackendSelectionError(_failure_text(failures, unknown, source, known, registry), res)
     for w in res.warnings:
-        warnings.warn(w, BackendFallbackWarning, stacklevel=2)
+        tie = "tie settled by name order" in w
+        warnings.warn(w, BackendTieWarning if tie else BackendFallbackWarning, stacklevel=2)
     _notify_resolution_done(registry, res)
     return res
+
+
+def _failure_text(failures: list[tuple[str, str]], unknown: dict[str, list[str]], source: str, known: set[str],
+                  registry: Registry) -> str:
+    """The head of a BackendSelectionError: each unregistered name once (with the registered names and any
+    plugin that did not load), then the ops that cannot be served, those failing alike on one line."""
+    named = []
+    for name, ops in unknown.items():
+        scope = "" if len(ops) == len(OPS) else f" for {', '.join(ops)}"
+        text = (f"backend {name!r} (requested by {source}{scope}) is not registered: no engine named {name!r}; "
+                f"registered engines: {', '.join(sorted(known)) or 'none'} (see `mxmoe backends`)")
+        plugin = registry.plugin(name)
+        if plugin is not None and plugin.status != "loaded":
+            text += (f"; plugin {plugin.name!r} ({plugin.distribution or '?'}) is not loaded ({plugin.status}): "
+                     f"{plugin.reason}")
+        else:
+            failed = [p for p in registry.plugins if p.status == "failed"]
+            if failed:
+                text += "; plugins that failed to load (one may register it): " + "; ".join(
+                    f"{p.name} ({p.distribution or '?'}): {p.reason}" for p in failed)
+        named.append(text)
+    if len(failures) == sum(len(ops) for ops in unknown.values()):
+        return "\n".join(named)
+    by_reason: dict[str, list[str]] = {}
+    for op, why in failures:
+        by_reason.setdefault(why, []).append(op)
+    lines = [f"{', '.join(ops)}: {why}" for why, ops in by_reason.items()]
+    return "\n".join(named + ["cannot choose a backend for every op:\n  " + "\n  ".join(lines)])
 
 
 def _notify_resolution_done(registry: Registry, res: Resolution) -> None:
