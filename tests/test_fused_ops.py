@@ -1,11 +1,10 @@
-"""Fused ops through the Backend interface (API 1.2, issue 11 item 2): ``add_rms_norm`` and the one-kernel
-router of the triton engine.
+"""Fused ops through the Backend interface (API 1.2, issue 11 item 2): ``add_rms_norm``.
 
 * The graph in core now hands each residual add to the next norm (``add_rms_norm``); for the reference
   engine (the base class's default composes ``x + delta`` and ``rms_norm``) the logits and the KV cache
   must be bit-identical to the unfused graph, written out below from the same ops.
 * The base class checks the claims of the default (op "rms_norm") before computing anything.
-* Triton kernels (``ops.add_rms_norm``, ``ops.router``) against the float64 reference engine and their
+* Triton kernels (``ops.add_rms_norm``) against the float64 reference engine and their
   PyTorch twins, in the interpreter when there is no GPU (small shapes), outputs poisoned first.
 * The suite catches known-bad fused engines through the whole model too (level 3), not only at level 1
   (tests/test_conformance_meta.py runs their level-1 cases with the other known-bad engines).
@@ -255,118 +254,3 @@ def test_add_rms_norm_kernel_refuses_what_it_cannot_do(tops, engine):
         engine.add_rms_norm(x.float(), x.float(), torch.ones(64, device=DEVICE), 1e-5)
     s, h = tops.add_rms_norm(x[:0], x[:0], torch.ones(64, device=DEVICE), 1e-5)
     assert s.shape == h.shape == (0, 64)
-
-
-def _router_inputs(g, T, D, E, ties: bool):
-    if ties:  # small integers: every logit exact in bf16; experts in groups of 4 equal rows
-        x = torch.randint(-2, 3, (T, D), generator=g).to(F64)
-        base = torch.randint(-1, 2, (E // 4, D), generator=g).to(F64)
-        w = base.repeat_interleave(4, dim=0)[torch.randperm(E, generator=g)]
-        b = torch.zeros(E, dtype=F64)
-    else:
-        x = torch.randn(T, D, generator=g, dtype=F64)
-        w = torch.randn(E, D, generator=g, dtype=F64) / math.sqrt(D)
-        b = torch.randn(E, generator=g, dtype=F64) * 0.1
-    return x.to(BF16).to(DEVICE), w.to(BF16).to(DEVICE), b.to(BF16).to(DEVICE)
-
-
-def _check_router(tops, x, w, b, k, exact: bool):
-    T, E = x.shape[0], w.shape[0]
-    weights, indices = tops.router(x, w, b, k, out=(poison((T, k)), torch.full((T, k), -1, dtype=torch.int64,
-                                                                                  device=DEVICE)))
-    assert weights.dtype == BF16 and indices.dtype == torch.int64
-    idx = indices.cpu()
-    assert ((idx >= 0) & (idx < E)).all() and (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "not k distinct"
-    ref_w, ref_i = REF.router(f64(x), Linear(f64(w), f64(b)), k)  # float64 oracle
-    logits = f64(x) @ f64(w).T + f64(b)
-    if exact:
-        assert torch.equal(idx, ref_i), "top-k differs: ties must go to the lower index, order descending"
-    else:
-        # The kernel's logits are rounded to bf16 (as the reference's linear): a chosen expert may swap with
-        # one whose exact logit is within that rounding (and the float32 sums' order) of it.
-        lb = 2 * U * logits.abs() + 1e-4
-        chosen = logits.gather(1, idx)
-        others = logits.scatter(1, idx, float("-inf"))
-        assert (others.amax(dim=1) <= chosen.amin(dim=1) + 2 * lb.amax(dim=1)).all(), "not the top-k"
-        assert (chosen[:, :-1] >= chosen[:, 1:] - 2 * lb.amax(dim=1, keepdim=True)).all(), "not descending"
-    # Weights: softmax of the float64 logits at the chosen experts; bf16 logits (u relative) + one rounding.
-    sel = logits.gather(1, idx)
-    want = torch.softmax(sel, dim=-1)
-    spread = U * sel.abs().amax(dim=-1, keepdim=True)
-    err = (f64(weights) - want).abs()
-    assert torch.isfinite(f64(weights)).all() and (err <= U * want + 2 * spread * want + 1e-6).all()
-    # Against its PyTorch twin (cuBLAS/CPU logits in bf16 + the reference top-k): the same experts wherever
-    # the bf16 logits agree (exact inputs: everywhere), weights within a bf16 ulp.
-    tw, ti = tops.router_ref(x, w, b, k)
-    if exact:
-        assert torch.equal(indices, ti) and ulps_apart(weights, tw).max() <= 1
-    return weights, indices
-
-
-@pytest.mark.parametrize("T,D,E", [(3, 2880, 32), (2, 2880, 128), (16, 64, 32), (5, 64, 128), (4, 100, 200)],
-                         ids=lambda v: str(v))
-def test_router_kernel_random(tops, T, D, E):
-    x, w, b = _router_inputs(gen(T + D + E), T, D, E, ties=False)
-    _check_router(tops, x, w, b, 4, exact=False)
-
-
-@pytest.mark.parametrize("E", [32, 128])
-def test_router_kernel_ties_go_to_the_lower_index(tops, E):
-    T, D = 24, 32
-    x, w, b = _router_inputs(gen(E), T, D, E, ties=True)
-    logits = f64(x) @ f64(w).T
-    assert all(bool((row.unique(return_counts=True)[1] > 1).any()) for row in logits)  # ties in every row
-    _check_router(tops, x, w, b, 4, exact=True)
-
-
-def test_router_kernel_rounds_the_logits_to_bf16_before_the_top_k(tops):
-    """Logits 1 + b with b ∈ {0, 2^-12, 2^-10, 2^-9}: distinct in float32, all 1.0 in bf16 (half an ulp is
-    2^-8), so the reference (bf16 logits) takes the lowest indices; a few experts at 1 + 2^-6 (exact) lead.
-    A kernel choosing on float32 logits would take the largest b instead."""
-    T, D, E, k = 6, 64, 32, 4
-    g = gen(11)
-    x = torch.zeros(T, D, dtype=F64)
-    x[:, 0] = 1.0
-    w = torch.zeros(E, D, dtype=F64)
-    w[:, 0] = 1.0
-    small = torch.tensor([0.0, 2.0 ** -12, 2.0 ** -10, 2.0 ** -9], dtype=F64)
-    b = small[torch.randint(4, (E,), generator=g)]
-    lead = torch.randperm(E, generator=g)[:2]
-    b[lead] = 2.0 ** -6
-    x, w, b = x.to(BF16).to(DEVICE), w.to(BF16).to(DEVICE), b.to(BF16).to(DEVICE)
-    weights, indices = tops.router(x, w, b, k)
-    want = REF.router(x.cpu(), Linear(w.cpu(), b.cpu()), k)[1]  # the torch engine in bf16
-    assert torch.equal(indices.cpu(), want)
-    fp32_choice = torch.sort(x.float().cpu() @ w.float().cpu().T + b.float().cpu(), dim=-1, descending=True,
-                             stable=True).indices[:, :k]
-    assert not torch.equal(fp32_choice, want)  # the case tells the two apart
-    assert torch.equal(indices.cpu()[:, :2].sort(dim=1).values, lead.sort().values.expand(T, 2))
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN rows, in numpy
-def test_router_kernel_awkward_values_and_k_equal_to_e(tops):
-    T, D, E, k = 5, 16, 8, 4
-    x = torch.ones(T, D, dtype=BF16, device=DEVICE)
-    w = torch.randint(-3, 4, (E, D), generator=gen(12)).to(BF16).to(DEVICE)
-    b = torch.zeros(E, dtype=BF16, device=DEVICE)
-    b[3] = float("nan")  # a NaN logit: the reference's sort puts it first
-    w[5] = float("-inf")  # a -inf logit: last
-    weights, indices = tops.router(x, w, b, k)
-    tw, ti = tops.router_ref(x, w, b, k)
-    assert torch.equal(indices, ti) and (indices[:, 0] == 3).all() and weights.isnan().all()
-    # k = E: every expert, sorted; no bias.
-    wk, ik = tops.router(x, w[:4].clone(), None, 4)
-    assert torch.equal(ik, tops.router_ref(x, w[:4].clone(), None, 4)[1])
-
-
-def test_engine_router_switches_to_cublas_above_the_fused_limit(tops, engine):
-    """Up to ROUTER_FUSED_MAX_TOKENS tokens the one-kernel router, above it cuBLAS + the top-k kernel: the
-    same experts and weights on exact inputs, either way."""
-    n = tops.ROUTER_FUSED_MAX_TOKENS
-    x, w, b = _router_inputs(gen(13), n + 1, 32, 32, ties=True)
-    gate = engine.prepare_linear(w, b, BF16, DEVICE)
-    big_w, big_i = engine.router(x, gate, 4)  # T = n + 1: cuBLAS logits + top-k
-    small_w, small_i = engine.router(x[:n], gate, 4)  # T = n: one kernel
-    assert torch.equal(big_i[:n], small_i) and ulps_apart(big_w[:n], small_w).max() <= 1
-    fused = tops.router(x[:n], w, b, 4)
-    assert torch.equal(fused[1], small_i) and torch.equal(fused[0], small_w)

@@ -269,17 +269,21 @@ def t_bucket(T: int) -> int:
     raise ValueError(f"gemv: T = {T} tokens (at most {MAX_TOKENS})")
 
 
-# Per shape class, the config of each T bucket. UNMEASURED guesses from the offline sm_90 compile (2026-12);
-# tests/benchmarks/gpu/dense_gemv.py sweeps them on the H200 and prints, per class, the line that replaces it.
+# Per shape class, the config of each T bucket: the winners of tests/benchmarks/gpu/dense_gemv.py on the H200
+# (2026-12-01, torch 2.11 + triton 3.6; table in tests/benchmarks/results/h200-2026-12-01-dense-gemv.txt).
 CONFIGS = {
-    "router": {1: fma(8, 256, 12), 2: fma(8, 256, 12), 4: fma(8, 256, 12), 8: fma(8, 256, 12), 64: dot(32, 128, 8)},
-    "qkv": {1: fma(16, 512, 2), 2: fma(16, 512, 2), 4: fma(8, 256, 2), 8: dot(64, 128, 2, 4, 4), 64: dot(64, 128, 2, 4, 4)},
-    "out": {1: fma(8, 512, 2), 2: fma(8, 512, 2), 4: fma(8, 256, 2), 8: dot(64, 128, 2, 4, 4), 64: dot(64, 128, 2, 4, 4)},
-    "unembed": {1: fma(16, 512), 2: fma(16, 512), 4: fma(16, 256), 8: dot(128, 128), 64: dot(128, 128, 1, 8)},
+    "router": {1: fma(8, 256, 12), 2: fma(8, 256, 12), 4: fma(4, 256, 12), 8: fma(4, 256, 12),
+               64: dot(16, 128, 12)},
+    "qkv": {1: fma(16, 512), 2: fma(16, 256, 2), 4: dot(128, 128, 4), 8: dot(64, 128, 2, 4, 4),
+            64: dot(128, 128, 2, 8)},
+    "out": {1: fma(8, 256, 4), 2: fma(8, 512, 2), 4: dot(64, 128, 4, 4, 4), 8: dot(64, 128, 4, 4, 4),
+            64: dot(64, 128, 2, 4, 4)},
+    "unembed": {1: fma(32, 256), 2: dot(128, 128), 4: dot(128, 128), 8: dot(128, 128), 64: dot(128, 128, 1, 8)},
 }
-# Per shape class, the largest T for which ``linear`` calls gemv (cuBLAS past it); 0: always cuBLAS. UNMEASURED
-# (the unembedding: cuBLAS already streams it at ~4.2 TB/s, FACTS.md); the sweep prints the measured line.
-GEMV_MAX_T = {"router": 8, "qkv": 8, "out": 8, "unembed": 0}
+# Per shape class, the largest T for which ``linear`` calls gemv (cuBLAS past it), as measured in the same run:
+# router logits 1.6-2.0x cuBLAS up to T = 8, the output projection 1.1-1.3x (no split-K reduce kernel), QKV 1.04x
+# at T = 1 only (cuBLAS wins from T = 2), the unembedding level (both at ~4.4 TB/s); cuBLAS wins every class at 64.
+GEMV_MAX_T = {"router": 8, "qkv": 1, "out": 8, "unembed": 8}
 
 
 def config_for(T: int, N: int, K: int) -> dict:
