@@ -12,7 +12,9 @@ run on a GPU; ``shapes="small"`` leaves them out elsewhere (NOT_RUN: no certific
 ``mxmoe conformance --backend NAME``.
 """
 
-SUITE_VERSION = "1.2.0"  # 1.1: cases inside the claims and refusals outside, real shapes, NOT_RUN; 1.2: add_rms_norm
+# 1.1: cases inside the claims and refusals outside, real shapes, NOT_RUN; 1.2: add_rms_norm; 1.3: an engine
+# claiming some of a block's or the model's ops runs L2/L3 with the reference (the companion) serving the rest.
+SUITE_VERSION = "1.3.0"
 
 from .case import Case, Status  # noqa: E402
 from .runner import DEFAULT_LEVELS, LEVELS, load_waivers, run_suite  # noqa: E402

@@ -6,58 +6,65 @@ Small cases use the tiny config (head dim, expert count and top-k inside the eng
 real-shape cases run one layer of gpt-oss-20b and gpt-oss-120b at their true sizes (D 2880, 64/8 heads
 × 64, 32 / 128 experts, top-4, I 2880) on prompts of hundreds of tokens.
 
+An engine that claims only some of a block's ops runs next to the companion (the reference engine, in
+the same dtype on the same device), which serves the others (case.serving, case.ops_for).
+
 Shape legend: T tokens, D hidden, Hq/Hkv heads, d head_dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from hypothesis import strategies as st
 
-from mxmoe.core.backend import Experts
+from mxmoe.core.backend import OPS, Backend, Experts, fused_op
 from mxmoe.core.batch import Batch, KVCache
 from mxmoe.core.config import preset
 from mxmoe.core.rope import yarn_inv_freq
 from mxmoe.core.weights import ExpertLinear
 
 from . import tolerances as tol
-from .case import Case, Ctx, Limits, Outcome, Profile
+from .case import Case, Ctx, Limits, Outcome, Profile, ops_for
 from .inputs import (F64, SEEDS, CachedExperts, generator, randn, random_model, real_attention_weights,
                      real_mlp_weights, rounded)
 from .model import tiny_config
 from .ops import batch_to
 
 
-def _attention_block(be, cfg, w, x, batch, cache: KVCache, window, dtype, device):
-    """x (T, D) → x + attention(x), exactly as core/model.py runs it."""
+def _attention_block(ops: dict[str, Backend], cfg, w, x, batch, cache: KVCache, window, dtype, device):
+    """x (T, D) → x + attention(x), exactly as core/model.py runs it; ``ops[name]`` serves op ``name``."""
     small = torch.promote_types(dtype, torch.float32)
     T = x.shape[0]
     Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    qkv_l = be.prepare_linear(w.qkv_weight, w.qkv_bias, dtype, device)
-    out_l = be.prepare_linear(w.out_weight, w.out_bias, dtype, device)
+    lin = ops["linear"]
+    qkv_l = lin.prepare_linear(w.qkv_weight, w.qkv_bias, dtype, device)
+    out_l = lin.prepare_linear(w.out_weight, w.out_bias, dtype, device)
     inv_freq, conc = yarn_inv_freq(cfg, small)
-    h = be.rms_norm(x, w.norm_scale.to(device, small), cfg.rms_norm_eps)
-    qkv = be.linear(h, qkv_l)
+    h = ops["rms_norm"].rms_norm(x, w.norm_scale.to(device, small), cfg.rms_norm_eps)
+    qkv = lin.linear(h, qkv_l)
     q = qkv[:, :cfg.q_dim].reshape(T, Hq, d)
     k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(T, Hkv, d)
     v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(T, Hkv, d)
-    q, k = be.rope(q, k, batch.positions, inv_freq.to(device), conc)
     kc, vc = cache.layer(0)
-    o = be.attention(q, k, v, w.sinks.to(device, small), kc, vc, batch, window, 1 / math.sqrt(d))
-    return x + be.linear(o.reshape(T, Hq * d), out_l)
+    # RoPE + attention as the graph calls them: fused where one backend serves both, else op by op.
+    o = fused_op(ops, "rope_attention")(q, k, v, batch.positions, inv_freq.to(device), conc,
+                                        w.sinks.to(device, small), kc, vc, batch, window, 1 / math.sqrt(d))
+    return x + lin.linear(o.reshape(T, Hq * d), out_l)
 
 
-def _moe_block(be, cfg, w, x, dtype, device, experts=None):
-    """``experts``: already prepared (the float64 runs share one cache of dequantized experts)."""
+def _moe_block(ops: dict[str, Backend], cfg, w, x, dtype, device, experts=None):
+    """x (T, D) → x + moe(x), as core/model.py runs it (the gate prepared by the router's backend).
+    ``experts``: already prepared (the float64 runs share one cache of dequantized experts)."""
     small = torch.promote_types(dtype, torch.float32)
-    gate = be.prepare_linear(w.gate_weight, w.gate_bias, dtype, device)
+    gate = ops["router"].prepare_linear(w.gate_weight, w.gate_bias, dtype, device)
     if experts is None:
-        experts = be.prepare_experts(w.mlp1, w.mlp2, dtype, device)
-    h = be.rms_norm(x, w.norm_scale.to(device, small), cfg.rms_norm_eps)
-    weights, indices = be.router(h, gate, cfg.experts_per_token)
-    return x + be.experts(h, weights, indices, experts, cfg.swiglu_alpha, cfg.swiglu_limit)
+        experts = ops["experts"].prepare_experts(w.mlp1, w.mlp2, dtype, device)
+    h = ops["rms_norm"].rms_norm(x, w.norm_scale.to(device, small), cfg.rms_norm_eps)
+    weights, indices = ops["router"].router(h, gate, cfg.experts_per_token)
+    return x + ops["experts"].experts(h, weights, indices, experts, cfg.swiglu_alpha, cfg.swiglu_limit)
 
 
 def _dense(e: ExpertLinear) -> ExpertLinear:
@@ -105,23 +112,24 @@ def _run(ctx: Ctx, p: dict, which: str) -> Outcome:
             c.v[0, r, :n] = rounded(randn(gk, n, cfg.num_key_value_heads, cfg.head_dim), ctx.dtype)
         return KVCache(c.k.to(device, dtype), c.v.to(device, dtype))
 
-    def run(be, dtype, device, experts=None):
+    def run(ops, dtype, device, experts=None):
         xin = x.to(device, dtype)
         if which == "attention":
-            return _attention_block(be, cfg, weights, xin, batch_to(batch, device), cache(dtype, device),
+            return _attention_block(ops, cfg, weights, xin, batch_to(batch, device), cache(dtype, device),
                                     window, dtype, device)
-        return _moe_block(be, cfg, weights, xin, dtype, device, experts)
+        return _moe_block(ops, cfg, weights, xin, dtype, device, experts)
 
-    with tol.RoutingRecorder(ctx.engine) as rec:
-        out = ctx.call(f"{which} block", run, ctx.engine, ctx.dtype, ctx.device)
+    ops = ops_for(ctx)
+    with tol.RoutingRecorder(ops["router"]) as rec:
+        out = ctx.call(f"{which} block", run, ops, ctx.dtype, ctx.device)
     ctx.check_tensor(f"{which} block", out, (T, cfg.hidden_size))
     out = out.detach().to("cpu", F64)
     # Routing held fixed: the oracle uses the engine's experts (an honest engine may resolve a near-tie
     # either way), checked to be a top-k within the router-logit bound; see tolerances.py.
     forced = tol.valid_routing(rec.calls, cfg.num_experts) if which == "moe" else None
     oracle = tol.routed_oracle(forced)
-    ref, bound, rbound = tol.composed_bound(lambda be: run(be, F64, torch.device("cpu"), shared), oracle, ctx.dtype,
-                                            p["seed"], cfg.hidden_size)
+    ref, bound, rbound = tol.composed_bound(lambda be: run({op: be for op in OPS}, F64, torch.device("cpu"), shared),
+                                            oracle, ctx.dtype, p["seed"], cfg.hidden_size)
     problem, flips = tol.routing_check(oracle, rbound)
     c = tol.compare(out, ref, bound[:, None])
     o = Outcome(f"{which} block", c["observed"], c["bound"], c["ratio"], where=f"(token, channel){c['index']}",
@@ -211,4 +219,5 @@ def cases(dtype: str, profile: Profile, lim: Limits | None = None) -> list[Case]
                         (dict(preset=name, past=[0], new=[300], favoured=favoured, seed=0),),
                         req, dtype, f"one real MoE layer of {name} (D = I = 2880, {E} MXFP4 experts, top-4) on a "
                                     f"300-token prompt; {note}", real_shape=True))
-    return out
+    # Each block is checked as users run it: the ops the engine does not claim served by the companion.
+    return [dataclasses.replace(c, companion=True) for c in out]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from mxmoe.core.backend import Backend, Capabilities, NotSupported, dtype_name
+from mxmoe.core.backend import OPS, Backend, Capabilities, NotSupported, dtype_name
 
 
 class Status(str, Enum):
@@ -167,15 +167,24 @@ def describe(o: Outcome) -> str:
             + (f" at {o.where}" if o.where else ""))
 
 
+def _reference() -> Backend:
+    from mxmoe.backends.reference import TorchBackend
+
+    return TorchBackend()
+
+
 @dataclass
 class Ctx:
-    """What a case's ``run`` works with: the engine under test, its dtype/device, and the oracle."""
+    """What a case's ``run`` works with: the engine under test, its dtype/device, and the oracle; in block and
+    model cases also the companion that serves the ops the engine does not claim (see :func:`serving`)."""
 
     engine: Backend
     oracle: Backend  # the reference engine, run in float64 on the CPU
     dtype: torch.dtype
     device: torch.device
     profile: Profile
+    companion: Backend = field(default_factory=_reference)  # the reference, in ``dtype`` on ``device``
+    companion_ops: tuple[str, ...] = ()  # the ops it serves in this case (set by the runner)
 
     @property
     def small_dtype(self) -> torch.dtype:
@@ -228,6 +237,12 @@ class Case:
     exact: bool = False  # bit-exact comparison (bound 0)
     max_examples: int | None = None  # cap on hypothesis draws (expensive cases)
     real_shape: bool = False  # at gpt-oss's real sizes (excluded by ``shapes="small"``, then NOT_RUN)
+    companion: bool = False  # blocks and the model: ops the engine does not claim go to the companion
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The ops the case calls (its ``op:NAME`` tokens)."""
+        return tuple(t[3:] for t in self.requires if t.startswith("op:"))
 
     @property
     def id(self) -> str:
@@ -276,6 +291,63 @@ def unclaimed(caps: Capabilities, token: str) -> str | None:
     if kind == "context":
         return None if caps.max_context is None or int(arg) <= caps.max_context else f"context of {arg} tokens"
     raise ValueError(f"unknown claim token {token!r}")
+
+
+# ---- the companion: block and model cases of an engine that serves only some ops ---------------------------
+
+# The ops whose calls a claim token limits (see Backend.check_claims): an engine must claim a token when it
+# serves one of them. Not listed (dtype, device, the properties): every op, so the engine and the companion
+# must both claim them; a property of the whole graph (CUDA-graph capture, determinism) is checked only
+# where every backend serving the graph claims it.
+TOKEN_OPS: dict[str, tuple[str, ...]] = {
+    "sinks": ("attention",), "sliding_window": ("attention",),
+    "head_dim": ("rope", "attention"), "context": ("rope", "attention"),  # a max_context covers RoPE positions
+    "mxfp4": ("experts",), "dense_experts": ("experts",),
+    "experts": ("router", "experts"), "experts_per_token": ("router", "experts"),
+}
+
+
+def token_ops(token: str) -> tuple[str, ...] | None:
+    """The ops ``token`` limits (None: every op)."""
+    kind, _, arg = token.partition(":")
+    return (arg,) if kind == "op" else TOKEN_OPS.get(kind)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """Who serves a case's ops: the engine, and the companion for the ops the engine does not claim."""
+
+    requires: tuple[str, ...]  # the claim tokens the engine must hold (the case's, less the companion's)
+    companion_ops: tuple[str, ...] = ()
+    note: str = ""  # why the companion is not used although the engine claims only some of the ops
+
+
+def serving(case: Case, caps: Capabilities, companion: Capabilities, device: str) -> Serving:
+    """How a case runs for an engine claiming ``caps``. Block and model cases (``case.companion``) of an
+    engine that claims at least one but not all of their ops run with the companion (claiming
+    ``companion``) serving the rest, when it claims what those ops need (their tokens, the dtype, the
+    properties, the ``device`` type); the engine must then claim the tokens of its own ops only. Any other
+    case needs every token from the engine (and, claiming none, must refuse)."""
+    own = [op for op in case.ops if op in caps.ops]
+    rest = tuple(op for op in case.ops if op not in caps.ops)
+    if not case.companion or not own or not rest:
+        return Serving(case.requires)
+
+    def limits(token: str, ops) -> bool:
+        owners = token_ops(token)
+        return owners is None or any(op in ops for op in owners)
+
+    gaps = [m for t in (f"device:{device}",) + case.requires if limits(t, rest) and (m := unclaimed(companion, t))]
+    if gaps:
+        return Serving(case.requires, note=f"the companion cannot serve {', '.join(rest)} ({', '.join(gaps)})")
+    return Serving(tuple(t for t in case.requires if limits(t, own)), rest)
+
+
+def ops_for(ctx: Ctx, engine: Backend | None = None) -> dict[str, Backend]:
+    """The backend serving each op in a block or model case: the engine (or ``engine``, another instance of
+    it), and the companion for ``ctx.companion_ops``."""
+    engine = engine or ctx.engine
+    return {op: ctx.companion if op in ctx.companion_ops else engine for op in OPS}
 
 
 def claim_tokens(caps: Capabilities) -> list[str]:

@@ -16,7 +16,10 @@ the largest deviation seen over NOISY_DRAWS simulations. Checks, with their thre
   ``torch.cuda.CUDAGraph`` through the model graph and replayed with new inputs give the eager steps'
   logits (within B) and the oracle's (within B). Not run on other devices.
 
-The tiny config takes the engine's claims: its head dim, expert count, top-k and expert format.
+The tiny config takes the engine's claims: its head dim, expert count, top-k and expert format. An engine
+that claims only some ops runs next to the companion (the reference engine, in the same dtype on the same
+device), which serves the others (case.serving, case.ops_for); determinism is then the engine's claim (the
+companion is bitwise deterministic), and CUDA graphs never run with it (the companion is not capturable).
 
 Level 4 (``--weights PATH``, real checkpoints with harmony prompts) is in real_weights.py.
 """
@@ -37,7 +40,7 @@ from mxmoe.core.model import GptOss
 from mxmoe.core.weights import ExpertLinear
 
 from . import tolerances as tol
-from .case import Case, Ctx, Limits, NotRun, Outcome, Profile
+from .case import Case, Ctx, Limits, NotRun, Outcome, Profile, ops_for
 from .inputs import F64, SEEDS, generator, random_model
 
 MODEL_REQUIRES = tuple(f"op:{o}" for o in OPS) + ("sinks", "sliding_window", "mxfp4")
@@ -54,7 +57,8 @@ def _dense(e: ExpertLinear) -> ExpertLinear:
 
 class _Models:
     """Engine model, oracle model and noisy oracles over the same canonical weights. ``spec``: the tiny
-    config's head dim, expert count, top-k and expert format, from the engine's claims."""
+    config's head dim, expert count, top-k and expert format, from the engine's claims. ``engine``: another
+    instance of the engine under test (it serves the same ops)."""
 
     def __init__(self, ctx: Ctx, seed: int, spec: dict | None = None, expert_bias_scale: float = 0.1,
                  engine=None):
@@ -66,12 +70,16 @@ class _Models:
         if fmt == "dense":
             for b in self.weights.blocks:
                 b.mlp.mlp1, b.mlp.mlp2 = _dense(b.mlp.mlp1), _dense(b.mlp.mlp2)
-        engine = engine or ctx.engine
-        engine_ops = {op: engine for op in OPS}
+        engine_ops = ops_for(ctx, engine)
         self.engine = ctx.call("model", GptOss, self.config, self.weights, engine_ops, dtype=ctx.dtype,
                                device=ctx.device)
         self.oracle = GptOss(self.config, self.weights, {op: ctx.oracle for op in OPS}, dtype=F64, device="cpu")
         self.seed = seed
+
+    @property
+    def router(self):
+        """The backend that serves the engine model's router (the engine, or the companion)."""
+        return self.engine.ops["router"]
 
     def model_of(self, backend) -> GptOss:
         return GptOss(self.config, self.weights, {op: backend for op in OPS}, dtype=F64, device="cpu")
@@ -97,7 +105,7 @@ class _Models:
 
     def engine_run_routed(self, *a, **kw) -> tuple[torch.Tensor, list]:
         """An engine run, with the experts its router picked (one (T, k) tensor per layer)."""
-        with tol.RoutingRecorder(self.ctx.engine) as rec:
+        with tol.RoutingRecorder(self.router) as rec:
             out = self.engine_run(*a, **kw)
         return out, rec.calls
 
@@ -239,7 +247,7 @@ def run_greedy(ctx: Ctx, p: dict) -> Outcome:
     m = _Models(ctx, p["seed"], p.get("model"))
     prompt = _prompts(p, m.config.vocab_size)[0]
     n_new = p["new"]
-    with tol.RoutingRecorder(ctx.engine) as rec:
+    with tol.RoutingRecorder(m.router) as rec:
         gen = ctx.call("model", lambda: list(m.engine.generate(prompt, max_tokens=n_new)))
     if len(gen) != n_new or any(not (0 <= t < m.config.vocab_size) for t in gen):
         return Outcome("model", 0, 0, math.inf, message=f"greedy: generated {gen}, expected {n_new} valid ids")
@@ -316,7 +324,7 @@ def run_cuda_graph(ctx: Ctx, p: dict) -> Outcome:
 
     eager = torch.full((S * steps, m.config.vocab_size), math.nan, dtype=F64)
     for step in range(steps):
-        with tol.RoutingRecorder(ctx.engine) as rec, torch.inference_mode():
+        with tol.RoutingRecorder(m.router) as rec, torch.inference_mode():
             out = ctx.call("model", m.engine.forward, step_ids(step), step_batch(step), eager_cache)
         calls += rec.calls
         token_rows.append([starts[s] + P + step for s in range(S)])
@@ -391,7 +399,7 @@ def cases(dtype: str, profile: Profile, lim: Limits | None = None) -> list[Case]
     def add(name, run, strategy, examples, description, requires=req):
         out.append(Case("L3", "model", name, run, (lambda pr: strategy(pr).map(lambda p: {**p, "model": spec})),
                         tuple(dict(e, model=spec) for e in examples), requires, dtype, description,
-                        max_examples=2))
+                        max_examples=2, companion=True))
 
     add("logits", run_logits, lambda pr: _d(lens=st.lists(st.integers(1, pr.model_tokens), min_size=1, max_size=3)),
         [dict(lens=[n, n // 2 + 1, 1], rows=[2, 0, 1], seed=0),

@@ -250,6 +250,105 @@ def _cache_as_expected(got: torch.Tensor, before: torch.Tensor, new: torch.Tenso
     return torch.equal(got.cpu().view(ints), want.view(ints))
 
 
+# ---- rope_attention (fused ops "rope" + "attention", API 1.2) -----------------------------------------
+
+def run_rope_attention(ctx: Ctx, p: dict) -> Outcome:
+    """RoPE then attention, fused, against the composition of reference ops in float64: ``rope`` of q and k,
+    then ``attention`` of the rotated q over a copy of the cache (rotated k and v written at slot_mapping).
+
+    The caches afterwards: v bit-exact at ``slot_mapping``; k there within rope's bound of the rotated keys
+    (an engine that writes the keys before rotating them, or not at all, is far off); every other slot
+    untouched (NaN stays NaN). The output: attention's bound at the exact rotated q and keys, plus the
+    first-order effect of rope's own rounding (q's on every score, each new key's on its scores): a score
+    error δs_j moves the output by at most p_j (e^|δs_j| - 1)(|v_j| + |o|). ``p["seqs"]``: (past, new) per
+    sequence, cache rows a permutation with a spare NaN row (as for attention)."""
+    g = generator(p["seed"])
+    Hq, Hkv, d, window = p["Hq"], p["Hkv"], p["d"], p["window"]
+    past = [s[0] for s in p["seqs"]]
+    new = [s[1] for s in p["seqs"]]
+    S = len(new)
+    rows = torch.randperm(S + 1, generator=g)[:S].tolist()
+    cache_len = max(a + b for a, b in zip(past, new)) + 3
+    batch = Batch.build(new, past, rows, cache_len)
+    T = batch.num_tokens
+    kc = torch.full((S + 1, cache_len, Hkv, d), math.nan, dtype=F64)
+    vc = torch.full_like(kc, math.nan)
+    for r, n in zip(rows, past):  # what earlier steps wrote (keys already rotated)
+        kc[r, :n] = rounded(randn(g, n, Hkv, d), ctx.dtype)
+        vc[r, :n] = rounded(randn(g, n, Hkv, d), ctx.dtype)
+    q = rounded(randn(g, T, Hq, d, scale=p["q_scale"]), ctx.dtype)  # before RoPE, as the QKV layer gives them
+    k = rounded(randn(g, T, Hkv, d), ctx.dtype)
+    v = rounded(randn(g, T, Hkv, d), ctx.dtype)
+    sinks = randn(g, Hq, scale=p["sink_scale"]).add(p.get("sink_shift", 0.0)).to(ctx.small_dtype).to(F64)
+    inv_freq, conc = yarn_inv_freq(GPT_OSS.model_copy(update={"head_dim": d}), ctx.small_dtype)
+    sm_scale = 1 / math.sqrt(d)
+
+    ekc, evc = ctx.to_engine(kc), ctx.to_engine(vc)
+    eb = batch_to(batch, ctx.device)
+    out = ctx.call("rope_attention", ctx.engine.rope_attention, ctx.to_engine(q), ctx.to_engine(k), ctx.to_engine(v),
+                   eb.positions, inv_freq.to(ctx.device), conc, ctx.to_engine(sinks, ctx.small_dtype), ekc, evc, eb,
+                   window, sm_scale)
+    ctx.check_tensor("rope_attention", out, (T, Hq, d))
+    inv64 = inv_freq.to(F64)  # the engine's frequencies, exactly
+    qr, kr = ctx.oracle.rope(q, k, batch.positions, inv64, conc)
+    okc, ovc = kc.clone(), vc.clone()
+    ref = ctx.oracle.attention(qr, kr, v, sinks, okc, ovc, batch, window, sm_scale)
+    bq = tol.rope_bound(q, batch.positions, inv64, conc, ctx.dtype)
+    bk = tol.rope_bound(k, batch.positions, inv64, conc, ctx.dtype)
+
+    # The caller owns the cache: rotated keys and the values land at slot_mapping, nowhere else.
+    slots = batch.slot_mapping
+    if not _cache_as_expected(evc, vc, v, slots):
+        c = tol.compare(evc, ovc, torch.zeros(()))
+        return Outcome("rope_attention", c["observed"], 0.0, math.inf, where=f"v_cache{c['index']}",
+                       message=f"v_cache after the call differs from the slot_mapping write at (row, position, head, "
+                               f"channel)={c['index']} ({c['note'] or 'wrong value'}): new values must be written "
+                               "at batch.slot_mapping")
+    k_bound = torch.zeros_like(kc)
+    k_bound.view(-1, Hkv, d)[slots] = bk
+    c = tol.compare(ekc, okc, k_bound)
+    if c["ratio"] > 1:
+        what = c["note"] or f"{c['observed']:.3g} off, bound {c['bound']:.3g}"
+        return Outcome("rope_attention", c["observed"], c["bound"], c["ratio"], where=f"k_cache{c['index']}",
+                       message=f"k_cache after the call is not the slot_mapping write of the RoPE-rotated keys at "
+                               f"(row, position, head, channel)={c['index']} ({what}): the new keys must be rotated, "
+                               "then written at batch.slot_mapping")
+    bound = tol.attention_bound(qr, okc, ovc, sinks, batch, window, sm_scale, ref, ctx.dtype)
+    bound += _rope_score_bound(qr, bq, okc, ovc, bk, sinks, batch, window, sm_scale, ref)
+    return _outcome("rope_attention", out, ref, bound, "(token, head, channel)",
+                    keys=max(a + b for a, b in p["seqs"]), k_cache_ratio=c["ratio"])
+
+
+def _rope_score_bound(qr: torch.Tensor, bq: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      bk: torch.Tensor, sinks: torch.Tensor, batch: Batch, window: int, sm_scale: float,
+                      out: torch.Tensor) -> torch.Tensor:
+    """What rope's rounding (|δq| <= bq on the rotated queries, |δk| <= bk on each sequence's new keys, per
+    element; both bounds already carry SAFETY) adds to attention's bound: |δs_j| <= scale (bq·(|k_j| + bk_j) +
+    |q|·bk_j), moving the output by Σ_j p_j (e^|δs_j| - 1)(|v_j| + |o|). All float64, (T, Hq, d)."""
+    T, Hq, d = qr.shape
+    Hkv = k_cache.shape[2]
+    G = Hq // Hkv
+    bound = torch.zeros_like(out)
+    rows = batch.cache_rows.tolist()
+    for s, (start, end, L, vs, scores, _, allowed) in enumerate(tol._sequences(qr, k_cache, v_cache, batch, window,
+                                                                                sm_scale)):
+        n, row = end - start, rows[s]
+        bks = torch.zeros(L, Hkv, d, dtype=F64)
+        bks[batch.positions[start:end]] = bk[start:end]  # the new keys sit at their positions
+        ks = k_cache[row, :L].abs() + bks
+        qs, bqs = qr[start:end].abs().reshape(n, Hkv, G, d), bq[start:end].reshape(n, Hkv, G, d)
+        ds = (torch.einsum("nkgd,lkd->kgnl", bqs, ks) + torch.einsum("nkgd,lkd->kgnl", qs, bks))
+        ds = torch.expm1(ds.reshape(Hq, n, L) * sm_scale).masked_fill(~allowed, 0.0)
+        masked = scores.masked_fill(~allowed, float("-inf"))
+        sink = sinks.to(F64)[:, None, None].expand(Hq, n, 1)
+        p = torch.softmax(torch.cat((masked, sink), dim=-1), dim=-1)[..., :-1]  # (Hq, n, L)
+        pds = p * ds
+        o = out[start:end].permute(1, 0, 2)  # (Hq, n, d)
+        b = tol._pv(pds, vs.abs()) + pds.sum(-1, keepdim=True) * o.abs()
+        bound[start:end] = b.permute(1, 0, 2)
+    return bound
+
+
 # ---- router --------------------------------------------------------------------------------------
 
 def run_router(ctx: Ctx, p: dict) -> Outcome:
@@ -569,9 +668,9 @@ def cases(dtype: str, lim: Limits | tuple[int, ...], profile: Profile) -> list[C
 
     def add(op, name, run, strategy, examples=(), requires=(), description="", exact=False, real_shape=False,
             max_examples=None):
-        # A fused op (add_rms_norm) is claimed with the op it belongs to.
+        # A fused op (add_rms_norm, rope_attention) is claimed with the ops it fuses.
         out.append(Case("L1", op, name, run, strategy, tuple(examples),
-                        (f"op:{FUSED_OPS.get(op, op)}",) + dt_req + tuple(requires),
+                        tuple(f"op:{o}" for o in FUSED_OPS.get(op, (op,))) + dt_req + tuple(requires),
                         dtype, description, exact, max_examples, real_shape))
 
     add("embedding", "gather", run_embedding,
@@ -733,6 +832,50 @@ def cases(dtype: str, lim: Limits | tuple[int, ...], profile: Profile) -> list[C
         d = lim.outside_head_dim
         add("attention", f"refuses_head_dim_{d}", run_attention, None,
             [dict(d=d, q_scale=1.0, sink_scale=1.0, window=0, Hq=8, Hkv=2, seqs=[(0, 5)], seed=0)],
+            requires=[f"head_dim:{d}"], description=f"head_dim {d} is not claimed: must raise NotSupported")
+
+    # RoPE + attention, fused (API 1.2): decode batches (where engines fuse) and prefill / mixed batches.
+    for d in lim.head_dims:
+        hd = (f"head_dim:{d}",)
+        base = dict(d=d, q_scale=1.0, sink_scale=1.0, window=0)
+
+        def ra(name, examples, strategy, requires=(), description=""):
+            keys = max(a + b for e in examples for a, b in e["seqs"])
+            ctx_req = (f"context:{keys}",) if keys > 64 else ()
+            add("rope_attention", f"{name}_d{d}", run_rope_attention, strategy, examples,
+                hd + ("sinks",) + ctx_req + tuple(requires), description)
+
+        def rdraw(d, seqs, window=st.just(0)):
+            return _d(d=st.just(d), hk=st.sampled_from([(2, 1), (8, 2), (16, 8)]), seqs=seqs,
+                      q_scale=st.sampled_from([0.5, 1.0, 3.0]), sink_scale=st.sampled_from([0.0, 1.0]),
+                      window=window).map(lambda p: {**{k: v for k, v in p.items() if k != "hk"}, "Hq": p["hk"][0],
+                                                    "Hkv": p["hk"][1]})
+
+        ra("decode", [dict(base, Hq=8, Hkv=2, seqs=[(0, 1), (1, 1), (37, 1), (60, 1)], seed=0),
+                      dict(base, Hq=64, Hkv=8, seqs=_mixed_contexts(11, 5, 64), seed=1),  # gpt-oss's heads
+                      dict(base, Hq=8, Hkv=1, seqs=[(40, 1), (7, 1)], q_scale=3.0, sink_scale=0.5, sink_shift=3.0,
+                           seed=2)],  # sinks taking most of the mass
+            lambda pr, d=d: rdraw(d, _attention_seq_strategy(60, 1, 5)),
+            description="one new token per sequence (the fused decode path), sequences of different lengths "
+                        "(a first token included), GQA up to 64/8 heads, sinks; the caches checked afterwards "
+                        "(rotated keys at slot_mapping)")
+        ra("decode_windowed", [dict(base, window=W, Hq=8, Hkv=2, seqs=[(W - 1, 1), (W, 1), (W + 70, 1), (3, 1)],
+                                    seed=0),  # at and across the 128-token window, positions past it
+                               dict(base, window=8, Hq=16, Hkv=8, seqs=[(30, 1), (8, 1), (2, 1)], seed=1)],
+            lambda pr, d=d: rdraw(d, st.lists(st.tuples(st.integers(0, W + 40), st.just(1)), min_size=1, max_size=4),
+                                  window=st.sampled_from([8, W])),
+            requires=("sliding_window",),
+            description="decode with a window (8 and gpt-oss's 128), positions past the window")
+        ra("prefill", [dict(base, Hq=8, Hkv=2, seqs=[(0, 20), (13, 7), (5, 1)], seed=0)],
+            lambda pr, d=d: rdraw(d, _attention_seq_strategy(30, 16, 3)),
+            description="prefill and chunked prefill mixed with a decode token in one varlen batch")
+        ra("prefill_windowed", [dict(base, window=8, Hq=8, Hkv=2, seqs=[(20, 7), (3, 12)], seed=0)],
+            lambda pr, d=d: rdraw(d, _attention_seq_strategy(30, 16, 3), window=st.just(8)),
+            requires=("sliding_window",), description="chunked prefill with a window of 8")
+    if lim.outside_head_dim:
+        d = lim.outside_head_dim
+        add("rope_attention", f"refuses_head_dim_{d}", run_rope_attention, None,
+            [dict(d=d, q_scale=1.0, sink_scale=1.0, window=0, Hq=8, Hkv=2, seqs=[(3, 1), (0, 1)], seed=0)],
             requires=[f"head_dim:{d}"], description=f"head_dim {d} is not claimed: must raise NotSupported")
 
     E_all = lim.experts(4, 8, 32, 128)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .case import Status
 
-SCHEMA_VERSION = "1.1.0"  # 1.1: NOT_RUN, per-level summaries, certified/verdict, shapes, fail_fast
+SCHEMA_VERSION = "1.2.0"  # 1.1: NOT_RUN, per-level summaries, certified/verdict, shapes, fail_fast; 1.2: companion
 SCHEMA_PATH = Path(__file__).with_name("report_schema.json")
 
 
@@ -66,6 +66,19 @@ class RunSettings(BaseModel):
     case_filter: list[str] | None = Field(None, description="--case patterns: only part of the grid ran")
 
 
+class Companion(BaseModel):
+    """The backend that served the ops a block or model case needs and the engine does not claim."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str = Field(description="its name (the reference engine, 'torch')")
+    version: str
+    ops: list[str] = Field(description="the ops it served; the engine served the case's others")
+
+    def __str__(self) -> str:
+        return f"companion: {', '.join(self.ops)} ({self.backend})"
+
+
 class CaseResult(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +90,9 @@ class CaseResult(BaseModel):
     description: str = ""
     requires: list[str] = Field(default_factory=list, description="claim tokens the case needs")
     unclaimed: str | None = Field(None, description="what the manifest does not claim (then the case checks refusal)")
+    companion: Companion | None = Field(None, description="blocks and model: the ops served by the companion "
+                                                          "(the reference engine, same dtype and device) because "
+                                                          "the engine does not claim them; None: the engine alone")
     status: Status
     message: str = ""
     observed: float | None = Field(None, description="error of the worst element (largest observed/bound)")
@@ -271,12 +287,19 @@ def _short(msg: str, n: int = 110) -> str:
     return msg if len(msg) <= n else msg[:n - 1] + "…"
 
 
+def _with_companion(c: CaseResult, note: str) -> str:
+    """``note``, after "companion: OPS (BACKEND)" when the companion served some of the case's ops."""
+    if c.companion is None:
+        return note
+    return f"{c.companion}; {note}" if note else str(c.companion)
+
+
 def console_table(report: Report, show: str = "all") -> str:
     """Plain-text table; ``show="problems"`` lists only non-PASS cases."""
     rows = [c for c in report.cases if show == "all" or c.status != Status.PASS]
     head = ("case", "status", "observed", "bound", "ratio", "note")
     data = [(c.id, c.status.value, _num(c.observed), _num(c.bound), _num(c.ratio),
-             _short(c.message or c.waiver_reason or "", 80)) for c in rows]
+             _short(_with_companion(c, c.message or c.waiver_reason or ""), 80)) for c in rows]
     widths = [max([len(h)] + [len(r[i]) for r in data]) for i, h in enumerate(head)]
     widths[-1] = min(widths[-1], 80)
     line = "  ".join(h.ljust(w) for h, w in zip(head, widths))
@@ -321,8 +344,13 @@ def markdown(report: Report) -> str:
              f"{report.run.profile}; shapes {report.run.shapes}; " + ("derandomized (certification)"
                                                                       if report.run.derandomize
                                                                       else f"seed {report.run.seed}") + " |",
-             f"| created | {report.created} |", "",
-             "## Levels", "", "| level | time (s) | cases |", "| --- | ---: | --- |"]
+             f"| created | {report.created} |"]
+    helped = [c for c in report.cases if c.companion is not None]
+    if helped:
+        names = sorted({f"`{c.companion.backend}` {c.companion.version}" for c in helped})
+        lines.append(f"| companion | {', '.join(names)} (the reference engine, same dtype and device) served the "
+                     f"ops the engine does not claim in {len(helped)} block/model cases (listed per case) |")
+    lines += ["", "## Levels", "", "| level | time (s) | cases |", "| --- | ---: | --- |"]
     lines += [f"| {lv} | {ls.duration_s:.1f} | " + ", ".join(f"{k} {v}" for k, v in ls.counts.items() if v) + " |"
               for lv, ls in s.levels.items()]
     lines.append("")
@@ -335,7 +363,7 @@ def markdown(report: Report) -> str:
     if problems:
         lines += ["## Problems", ""]
         for c in problems:
-            lines.append(f"* **{c.status.value}** `{c.id}`: {c.message or ''}"
+            lines.append(f"* **{c.status.value}** `{c.id}`: {_with_companion(c, c.message or '')}"
                          + (f" — waived: {c.waiver_reason}" if c.waiver_reason else ""))
             if c.failing_example:
                 lines.append(f"  * failing example: `{json.dumps(c.failing_example)}`")
@@ -345,7 +373,7 @@ def markdown(report: Report) -> str:
     lines += ["## Cases", "", "| case | status | observed | bound | ratio | examples | time (s) | note |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in report.cases:
-        note = (c.message or c.waiver_reason or c.description or "").replace("|", "\\|")
+        note = _with_companion(c, c.message or c.waiver_reason or c.description or "").replace("|", "\\|")
         tag = " (real shape)" if c.real_shape else ""
         lines.append(f"| `{c.id}`{tag} | {c.status.value} | {_num(c.observed)} | {_num(c.bound)} | {_num(c.ratio)} | "
                      f"{c.examples_run} | {c.duration_s:.2f} | {_short(note, 140)} |")

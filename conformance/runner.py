@@ -7,6 +7,15 @@ explicit examples run first, then hypothesis draws (``derandomize=True`` for cer
 stream that every rerun repeats; otherwise ``seed``, printed so any failure replays with ``--seed``).
 The first failing draw stops the case (no shrinking unless asked: every draw runs the engine).
 
+Block and model cases (L2, L3) of an engine that claims only some of their ops (megablocks: attention,
+router, experts; many engines: experts alone) run as users run such an engine, next to another for the
+rest: the ops it does not claim are served by the COMPANION, the reference engine in the case's dtype on
+the same device (case.serving). The engine must then claim only the tokens of its own ops (dtype, head dim,
+experts, ...); the result names the companion's ops. An engine that claims none of a case's ops, or all of
+them, is checked as before (refuse / run alone). Properties stay the engine's claims: the companion claims
+bitwise determinism (it hides no nondeterminism) but not CUDA-graph capture, so cuda_graph_decode never
+runs with it.
+
 NOT_RUN (never a pass, and the report is then no certificate): real-shape cases under
 ``shapes="small"`` (allowed off CUDA only: a way to check an engine that runs in the Triton
 interpreter), cases that need another device (CUDA graphs on a CPU), and every case after the first
@@ -15,6 +24,7 @@ failure under ``fail_fast``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import fnmatch
 import json
@@ -32,9 +42,9 @@ from mxmoe.core.backend import BACKEND_API_VERSION, Backend, dtype_name, parse_d
 
 from . import SUITE_VERSION
 from .case import (PROFILES, PROPERTY_TOKENS, Case, CaseFailure, Ctx, EngineCrash, EngineRefused, Limits, NotRun,
-                   Outcome, Profile, Status, describe, unclaimed)
-from .report import (BackendIdentity, CaseResult, Report, RunSettings, Summary, capabilities_hash, environment,
-                     summarize)
+                   Outcome, Profile, Status, describe, serving, unclaimed)
+from .report import (BackendIdentity, CaseResult, Companion, Report, RunSettings, Summary, capabilities_hash,
+                     environment, summarize)
 
 LEVELS = ("L0", "L1", "L2", "L3", "L4")
 DEFAULT_LEVELS = ("L0", "L1", "L2", "L3")  # L4 needs real weights
@@ -106,14 +116,19 @@ def run_case(case: Case, ctx: Ctx, *, derandomize: bool, seed: int, shrink: bool
     if case.real_shape and shapes == "small":
         return not_run(case, "a real-shape case, excluded by shapes='small' (--shapes small)", replay)
     caps = ctx.engine.capabilities
-    missing = [m for m in (unclaimed(caps, tok) for tok in case.requires) if m]
+    serve = serving(case, caps, ctx.companion.capabilities, ctx.device.type)
+    ctx = dataclasses.replace(ctx, companion_ops=serve.companion_ops)
+    missing = [m for m in (unclaimed(caps, tok) for tok in serve.requires) if m]
     res = CaseResult(id=case.id, level=case.level, op=case.op, name=case.name, dtype=case.dtype,
                      description=case.description, requires=list(case.requires), status=Status.PASS,
                      exact=case.exact, real_shape=case.real_shape, replay=replay)
+    if serve.companion_ops:
+        res.companion = Companion(backend=ctx.companion.name, version=str(ctx.companion.version),
+                                  ops=list(serve.companion_ops))
     if missing:
-        res.unclaimed = ", ".join(missing)
+        res.unclaimed = ", ".join(missing) + (f" ({serve.note})" if serve.note else "")
         draw = case.examples[0] if case.examples else {}
-        props = [m for tok in case.requires if tok in PROPERTY_TOKENS and (m := unclaimed(caps, tok))]
+        props = [m for tok in serve.requires if tok in PROPERTY_TOKENS and (m := unclaimed(caps, tok))]
         if props:  # a property, not a call: nothing to refuse
             res.status, res.message = Status.NOT_SUPPORTED, f"not claimed ({', '.join(props)}): not checked"
             res.duration_s = time.perf_counter() - t0

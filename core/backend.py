@@ -24,16 +24,18 @@ from .weights import ExpertLinear
 # (``Backend.api_version``, e.g. ">=1.0,<2"); a major bump means an incompatible change.
 # 1.1: the base class enforces the claims (Backend.check_claims), the public prepared-experts type
 # ``Experts``, RMSNorm rounded once.
-# 1.2: optional fused ops, each part of an existing op and composed from it by default (engines written for
-# 1.0/1.1 run unchanged, with the same results): ``add_rms_norm`` (the residual add + the next RMSNorm,
-# op "rms_norm").
+# 1.2: optional fused ops, each spanning one or more existing ops and composed from them by default (engines
+# written for 1.0/1.1 run unchanged, with the same results): ``add_rms_norm`` (the residual add + the next RMSNorm,
+# op "rms_norm") and ``rope_attention`` (RoPE + the KV-cache write + attention, ops "rope" and "attention"). The
+# graph calls a fused op through :func:`fused_op`: the fused method when one backend serves all of its ops, else
+# the composition of each op on its own backend.
 BACKEND_API_VERSION = "1.2.0"
 
-# The ops an engine may serve; per-op overrides name these. A fused op belongs to one of them (it is served
-# by that op's backend and claimed with it).
+# The ops an engine may serve; per-op overrides name these. A fused op spans one or more of them: it runs fused
+# only where one backend serves all of them, and is claimed with them.
 OPS: tuple[str, ...] = ("embedding", "rms_norm", "linear", "rope", "attention", "router", "experts")
-# Fused ops (API 1.2) → the op each belongs to.
-FUSED_OPS: dict[str, str] = {"add_rms_norm": "rms_norm"}
+# Fused ops (API 1.2) → the ops each fuses, in the order the composition calls them.
+FUSED_OPS: dict[str, tuple[str, ...]] = {"add_rms_norm": ("rms_norm",), "rope_attention": ("rope", "attention")}
 
 
 class NotSupported(Exception):
@@ -116,8 +118,9 @@ class Backend:
 
     An op a backend does not override raises :class:`NotSupported` — the interface's way of saying
     "not offered", so the selection layer can route that op elsewhere. Fused ops (API 1.2:
-    :meth:`add_rms_norm`) are the exception: optional, each part of one op, composed here from the fine
-    ops by default; an engine overrides one to run it as a single kernel.
+    :meth:`add_rms_norm`, :meth:`rope_attention`; :data:`FUSED_OPS`) are the exception: optional, each
+    spanning one or more ops, composed here from those ops by default; an engine overrides one to run it
+    as fewer kernels. The graph reaches them through :func:`fused_op`.
 
     Claims are enforced here: every op and ``prepare_*`` method a subclass defines first checks its
     arguments against ``capabilities`` (:meth:`check_claims`: op, device, dtype, head dim, window, sinks,
@@ -220,8 +223,7 @@ class Backend:
 
         Optional: this default composes the two (``x + delta``, then :meth:`rms_norm`), so an engine that
         overrides only ``rms_norm`` gets the same bits as before the op existed."""
-        s = x + delta
-        return s, self.rms_norm(s, scale, eps)
+        return _compose_add_rms_norm(self, x, delta, scale, eps)
 
     def linear(self, x: torch.Tensor, layer: Any) -> torch.Tensor:
         """(T, K) → (T, N) with a layer from ``prepare_linear``."""
@@ -246,6 +248,19 @@ class Backend:
         """
         raise NotSupported(self.name, "op 'attention'")
 
+    def rope_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       inv_freq: torch.Tensor, concentration: float, sinks: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, batch: Batch, sliding_window: int, sm_scale: float) -> torch.Tensor:
+        """RoPE, then attention, fused (ops "rope" and "attention"; API 1.2): q (T, Hq, d) and k (T, Hkv, d)
+        rotated as :meth:`rope` does (``positions``, ``inv_freq``, ``concentration``), then
+        :meth:`attention` of the rotated q over the cache, into which the rotated k and v are written at
+        ``batch.slot_mapping`` first. Returns (T, Hq, d); the caches hold the rotated keys afterwards.
+
+        Optional: this default composes the two (:meth:`rope`, then :meth:`attention`), so an engine that
+        overrides only those gets the same bits as before the op existed."""
+        return _compose_rope_attention(self, self, q, k, v, positions, inv_freq, concentration, sinks, k_cache,
+                                       v_cache, batch, sliding_window, sm_scale)
+
     def router(self, x: torch.Tensor, gate: Any, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, D) → (weights (T, k), indices (T, k) int64): top-k of the gate's logits, sorted descending
         (ties to the lower expert index), softmax over the chosen k."""
@@ -259,6 +274,37 @@ class Backend:
         linear = h[1::2] clamped to ±``swiglu_limit``; out = gate·σ(α·gate)·(linear + 1).
         """
         raise NotSupported(self.name, "op 'experts'")
+
+
+# ---- fused ops: their compositions, and how the graph calls them --------------------------------------------
+
+# Each composition takes the backends serving the fused op's ops (in FUSED_OPS order), then the op's arguments.
+def _compose_add_rms_norm(norm: Backend, x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + delta
+    return s, norm.rms_norm(s, scale, eps)
+
+
+def _compose_rope_attention(rope: Backend, attention: Backend, q, k, v, positions, inv_freq, concentration, sinks,
+                            k_cache, v_cache, batch, sliding_window, sm_scale) -> torch.Tensor:
+    q, k = rope.rope(q, k, positions, inv_freq, concentration)
+    return attention.attention(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
+
+
+_COMPOSITIONS: dict[str, Callable[..., Any]] = {"add_rms_norm": _compose_add_rms_norm,
+                                                 "rope_attention": _compose_rope_attention}
+
+
+def fused_op(ops: dict[str, Backend], name: str) -> Callable[..., Any]:
+    """How the graph calls fused op ``name`` (a key of :data:`FUSED_OPS`) given the backend serving each op
+    (``ops``, as the model holds them): that backend's fused method when one backend serves all the op's
+    ops (its own override, or the base class's default composing its own ops), otherwise the composition of
+    the ops, each on the backend that serves it — so per-op selection (RoPE from one engine, attention from
+    another) keeps working through the same graph. Cheap: call it per forward."""
+    backends = [ops[op] for op in FUSED_OPS[name]]
+    if all(b is backends[0] for b in backends):
+        return getattr(backends[0], name)
+    return functools.partial(_COMPOSITIONS[name], *backends)
 
 
 # ---- claim enforcement (Backend.__init_subclass__) -----------------------------------------------------
@@ -290,12 +336,21 @@ _GUARDS: dict[str, Callable[..., None]] = {
     "attention": lambda self, q, k, v, sinks, k_cache, v_cache, batch, sliding_window, *a, **kw: self.check_claims(
         "attention", q, head_dim=q.shape[-1], sinks=sinks is not None, sliding_window=sliding_window,
         context=batch.max_context_len),
+    "rope_attention": lambda *a, **kw: _check_rope_attention(*a, **kw),  # ops "rope" + "attention"
     "router": lambda self, x, gate, top_k, *a, **kw: self.check_claims(
         "router", x, num_experts=_num_experts(gate), top_k=top_k),
     "experts": lambda self, x, expert_weights, expert_indices, experts, *a, **kw: self.check_claims(
         "experts", x, num_experts=_num_experts(experts), top_k=expert_indices.shape[-1],
         expert_format=_format(experts.mlp1, experts.mlp2) if isinstance(experts, Experts) else None),
 }
+
+
+def _check_rope_attention(self: Backend, q, k, v, positions, inv_freq, concentration, sinks, k_cache, v_cache, batch,
+                          sliding_window, *a, **kw) -> None:
+    # The union of both ops' claims: each op's own guard, on the arguments that op receives.
+    _GUARDS["rope"](self, q, k, positions, inv_freq, concentration)
+    _GUARDS["attention"](self, q, k, v, sinks, k_cache, v_cache, batch, sliding_window)
+
 
 _active = threading.local()  # ids of the engines inside a checked call, per thread
 
@@ -323,8 +378,10 @@ def _enforcing(fn: Callable[..., Any], guard: Callable[..., None]) -> Callable[.
 
 
 # The base class's default fused ops compose claimed ops; checked first too, so that an engine that does not
-# claim "rms_norm" refuses add_rms_norm before computing anything (on an unclaimed device, say).
-Backend.add_rms_norm = _enforcing(Backend.add_rms_norm, _GUARDS["add_rms_norm"])  # type: ignore[method-assign]
+# claim all of a fused op's ops refuses it before computing anything (on an unclaimed device, say).
+for _name in FUSED_OPS:
+    setattr(Backend, _name, _enforcing(getattr(Backend, _name), _GUARDS[_name]))
+del _name
 
 
 _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",

@@ -1,15 +1,19 @@
 """The gpt-oss model graph, once, for every engine.
 
-    token ids ─▶ embedding ─▶ N × [ RMSNorm ─▶ attention (sinks; banded window on even layers) ─▶ +residual
+    token ids ─▶ embedding ─▶ N × [ RMSNorm ─▶ QKV ─▶ RoPE + KV-cache write + attention (sinks; banded window
+                                   on even layers) ─▶ out ─▶ +residual
                                    RMSNorm ─▶ router top-k ─▶ experts (SwiGLU) ─▶ +residual ]
               ─▶ RMSNorm ─▶ unembedding ─▶ logits
 
 Each ``+residual`` runs fused with the RMSNorm after it (``add_rms_norm``: a block's output is the ``delta``
 added to the residual stream by the next block's norm, or by the final one); only the first layer's
-attention norm is a plain ``rms_norm``. The final add + norm runs on the logits rows only.
+attention norm is a plain ``rms_norm``. The final add + norm runs on the logits rows only. RoPE and
+attention are one fused op (``rope_attention``: the rotated keys go into the cache inside it).
 
-Every tensor op goes through the backend that serves it (``ops[name]``); the graph never branches on
-device. One call runs T tokens of S sequences (core/batch.py): prefill and decode are the same path.
+Every tensor op goes through the backend that serves it (``ops[name]``); a fused op goes through
+``fused_op`` (core/backend.py): fused where one backend serves all of its ops, composed op by op on
+their own backends otherwise. The graph never branches on device. One call runs T tokens of S sequences
+(core/batch.py): prefill and decode are the same path.
 
 Shape legend: T tokens, S sequences, D hidden, V vocab, Hq/Hkv heads, d head_dim.
 """
@@ -24,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .backend import Backend, parse_dtype
+from .backend import Backend, fused_op, parse_dtype
 from .batch import Batch, KVCache
 from .config import ModelConfig
 from .rope import yarn_inv_freq
@@ -88,6 +92,7 @@ class GptOss:
         T = token_ids.shape[0]
         Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         norm, eps = ops["rms_norm"], cfg.rms_norm_eps
+        add_rms_norm, rope_attention = fused_op(ops, "add_rms_norm"), fused_op(ops, "rope_attention")
         x = ops["embedding"].embedding(token_ids, self.embedding)  # (T, D): the residual stream
         delta = None  # (T, D): the last block's output, not yet added to x (the next norm adds it)
         for i, layer in enumerate(self.layers):
@@ -95,18 +100,17 @@ class GptOss:
             if delta is None:
                 h = norm.rms_norm(x, layer.attn_norm, eps)
             else:
-                x, h = norm.add_rms_norm(x, delta, layer.attn_norm, eps)
+                x, h = add_rms_norm(x, delta, layer.attn_norm, eps)
             qkv = ops["linear"].linear(h, layer.qkv)  # (T, Q + 2 KV)
             q = qkv[:, :cfg.q_dim].reshape(T, Hq, d)
             k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(T, Hkv, d)
             v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(T, Hkv, d)
-            q, k = ops["rope"].rope(q, k, batch.positions, self.inv_freq, self.concentration)
             k_cache, v_cache = cache.layer(i)
-            o = ops["attention"].attention(q, k, v, layer.sinks, k_cache, v_cache, batch,
-                                           layer.sliding_window, self.sm_scale)  # (T, Hq, d)
+            o = rope_attention(q, k, v, batch.positions, self.inv_freq, self.concentration, layer.sinks, k_cache,
+                               v_cache, batch, layer.sliding_window, self.sm_scale)  # (T, Hq, d)
             delta = ops["linear"].linear(o.reshape(T, Hq * d), layer.out)
             # MoE block.
-            x, h = norm.add_rms_norm(x, delta, layer.mlp_norm, eps)
+            x, h = add_rms_norm(x, delta, layer.mlp_norm, eps)
             weights, indices = ops["router"].router(h, layer.gate, cfg.experts_per_token)  # (T, k) each
             delta = ops["experts"].experts(h, weights, indices, layer.experts, cfg.swiglu_alpha, cfg.swiglu_limit)
         if logits_rows is None:
@@ -115,7 +119,7 @@ class GptOss:
         if delta is None:
             x = norm.rms_norm(x[logits_rows], self.norm, eps)
         else:
-            _, x = norm.add_rms_norm(x[logits_rows], delta[logits_rows], self.norm, eps)
+            _, x = add_rms_norm(x[logits_rows], delta[logits_rows], self.norm, eps)
         return ops["linear"].linear(x, self.unembedding)  # (R, V)
 
     # ---- conveniences ------------------------------------------------------------------------------

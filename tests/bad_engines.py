@@ -617,6 +617,36 @@ class AddRmsNormOfUnroundedSum(_Bad):
         return s.to(x.dtype), self.rms_norm(s, scale, eps).to(x.dtype)
 
 
+class RopeAttentionSkipsCacheWrite(_Bad):
+    """The fused RoPE + attention attends to the new keys/values (from registers, as a fused kernel would) but
+    never writes them into the caller's cache: the next step reads NaN (or stale keys) there."""
+
+    name = "bad-rope-attention-no-cache-write"
+    BROKEN_OP = "rope_attention"
+
+    def rope_attention(self, q, k, v, positions, inv_freq, concentration, sinks, k_cache, v_cache, batch,
+                       sliding_window, sm_scale):
+        q, k = self.rope(q, k, positions, inv_freq, concentration)
+        return self.attention(q, k, v, sinks, k_cache.clone(), v_cache.clone(), batch, sliding_window, sm_scale)
+
+
+class RopeAttentionCachesUnrotatedKeys(_Bad):
+    """Writes the new keys into the cache first and applies RoPE after (to q only, the cached keys are read
+    back): the cache holds unrotated keys, and attention scores them so."""
+
+    name = "bad-rope-attention-unrotated-cache"
+    BROKEN_OP = "rope_attention"
+
+    def rope_attention(self, q, k, v, positions, inv_freq, concentration, sinks, k_cache, v_cache, batch,
+                       sliding_window, sm_scale):
+        Hkv, d = k.shape[1:]
+        k_cache.view(-1, Hkv, d)[batch.slot_mapping] = k.to(k_cache.dtype)
+        v_cache.view(-1, Hkv, d)[batch.slot_mapping] = v.to(v_cache.dtype)
+        q, _ = self.rope(q, k, positions, inv_freq, concentration)  # k rotated too late: the cache has it raw
+        cached = k_cache.view(-1, Hkv, d)[batch.slot_mapping]
+        return self.attention(q, cached, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
+
+
 BAD_ENGINES = [SinksIgnored, WindowOffByOne, WindowIgnored, SlotMappingIgnored, RopeInterleaved, RopeNoConcentration,
                RouterSoftmaxThenTopk, RouterTiesHigh, SwigluNoClamp, SwigluNoPlusOne, SwigluHalves, Mxfp4NibbleSwap,
                Mxfp4ScaleBias, AccumulateBf16, WrongOutputDtype, UnclaimedReturnsNumbers, GqaModulo,
@@ -630,7 +660,8 @@ BAD_ENGINES = [SinksIgnored, WindowOffByOne, WindowIgnored, SlotMappingIgnored, 
                # claims
                UnclaimedContextReturnsNumbers,
                # fused ops (API 1.2)
-               AddRmsNormOfX, AddRmsNormSumFloat32, AddRmsNormOfUnroundedSum]
+               AddRmsNormOfX, AddRmsNormSumFloat32, AddRmsNormOfUnroundedSum, RopeAttentionSkipsCacheWrite,
+               RopeAttentionCachesUnrotatedKeys]
 
 
 # ---- claims that only a GPU can check (tests/test_conformance_meta.py, on CUDA) -------------------------------

@@ -201,7 +201,7 @@ EXPECT_REFUSED = {
     DenseExpertsOnly: ["L1/experts/random_mxfp4*", "L1/experts/mxfp4_dequant_mlp1*"],
     Mxfp4Only: ["L1/experts/random_dense*"],
     NoSinks: ["L1/attention/prefill*", "L2/block/attention@*", "L3/model/logits*"],
-    AttentionOnly: ["L1/rms_norm/random*", "L1/experts/random_mxfp4*", "L3/model/logits*"],
+    AttentionOnly: ["L1/rms_norm/random*", "L1/experts/random_mxfp4*", "L2/block/moe*"],
     GptOssShaped: ["L0/rms_norm/refuses_random*", "L1/attention/refuses_head_dim_16*",
                    "L1/attention/refuses_context_8193*", "L1/experts/random_dense*"],
 }

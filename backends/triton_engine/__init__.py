@@ -3,14 +3,14 @@
 Which file holds what:
 
 * ``ops.py`` — embedding gather, RMSNorm and the fused residual add + RMSNorm (``add_rms_norm``, Backend API
-  1.2), YaRN RoPE, the router (logits + top-k + softmax in one kernel up to ``ROUTER_FUSED_MAX_TOKENS``
-  tokens; above, cuBLAS logits + a top-k kernel), each beside its reference;
+  1.2), YaRN RoPE, the router's top-k + softmax, each beside its reference;
+* ``linear.py`` — a GEMV for the dense layers at few tokens (one launch, no split-K reduce kernel);
 * ``moe.py`` — the MXFP4 expert MLP (W4A16, SwiGLU fused), weights re-laid out once at load;
-* ``attention.py`` — attention with sinks, sliding window and GQA over the caller's KV cache.
+* ``attention.py`` — attention with sinks, sliding window and GQA over the caller's KV cache, and RoPE + the
+  cache write + decode attention fused in one kernel (``rope_attention``, Backend API 1.2).
 
-Dense layers (QKV, output, unembedding, and the router logits of large batches) are
-``torch.nn.functional.linear``: cuBLAS reaches ~98% of the copy bandwidth at batch 1 on the H200
-(FACTS.md), the bar for these GEMVs.
+Dense layers (QKV, output, router logits, unembedding) run ``linear.gemv`` where it beat cuBLAS on the H200
+(up to 8 tokens; QKV at 1: ``linear.GEMV_MAX_T``), ``torch.nn.functional.linear`` (cuBLAS) elsewhere.
 
 This module imports without triton (the kernel modules are imported on first use), so registration
 never breaks where triton is missing: ``probe`` says why the engine is unavailable instead.
@@ -51,6 +51,12 @@ def _moe():
     from . import moe
 
     return moe
+
+
+def _linear():
+    from . import linear
+
+    return linear
 
 
 def _attention():
@@ -164,6 +170,14 @@ class TritonBackend(Backend):
 
     def linear(self, x, layer: Linear):
         self.check(op="linear", device=x.device, dtype=x.dtype)
+        return self._dense(x, layer)
+
+    @staticmethod
+    def _dense(x, layer: Linear):
+        """The engine's GEMV for few tokens where it beat cuBLAS on the H200 (linear.GEMV_MAX_T), else cuBLAS.
+        On the CPU (interpreter) always ``F.linear``: linear.py's kernels have their own interpreter tests."""
+        if x.is_cuda:
+            return _linear().linear(x, layer.weight, layer.bias)
         return torch.nn.functional.linear(x, layer.weight, layer.bias)
 
     def rope(self, q, k, positions, inv_freq, concentration):
@@ -176,13 +190,20 @@ class TritonBackend(Backend):
         self._check_head_dim(q.shape[-1])
         return _attention().attention(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
 
+    def rope_attention(self, q, k, v, positions, inv_freq, concentration, sinks, k_cache, v_cache, batch,
+                       sliding_window, sm_scale):
+        # Ops "rope" and "attention" together (the base class checked the union of their claims): decode in one
+        # kernel, prefill composed from the two ops' kernels.
+        self.check(op="rope", device=q.device, dtype=q.dtype)
+        self.check(op="attention", device=q.device, dtype=q.dtype)
+        self._check_head_dim(q.shape[-1])
+        return _attention().rope_attention(q, k, v, positions, inv_freq, concentration, sinks, k_cache, v_cache,
+                                           batch, sliding_window, sm_scale)
+
     def router(self, x, gate: Linear, top_k):
         self.check(op="router", device=x.device, dtype=x.dtype)
-        ops = _ops()
-        if x.shape[0] <= ops.ROUTER_FUSED_MAX_TOKENS:  # decode: one launch, the logits never leave the chip
-            return ops.router(x, gate.weight, gate.bias, top_k)
-        logits = torch.nn.functional.linear(x, gate.weight, gate.bias)  # (T, E), cuBLAS
-        return ops.topk_softmax(logits, top_k)
+        logits = self._dense(x, gate)  # (T, E) in x's dtype, as the reference rounds them before the top-k
+        return _ops().topk_softmax(logits, top_k)
 
     def experts(self, x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit):
         self.check(op="experts", device=x.device, dtype=x.dtype)

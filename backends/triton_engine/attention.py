@@ -8,10 +8,15 @@ Three kernels and a merge, each beside its plain-PyTorch reference:
 * ``decode_attention``: one new token per sequence, split-KV ("flash-decoding"): one program per
   (sequence, KV head, split) serves the KV head's whole query group, reading each key once; a merge
   kernel combines the splits and adds the sink once, in the same (base-2) log base.
+* ``rope_decode_attention``: the decode step fused into one kernel (``Backend.rope_attention``, API 1.2):
+  RoPE of q and k in registers (as ops.py's rope kernel, bit for bit), the cache write, the split-KV
+  decode with the new key from registers, and the merge by the last split to finish (an atomic counter
+  elects it; it sums in split order, so results do not depend on which one it is).
 
 Everything is CUDA-graph capturable: grids depend only on host-side shapes and the batch's host maxima,
 which may be upper bounds; programs find their real extent in the device tensors (cu_seqlens,
-positions, context_lens). The semantics are those of ``Backend.attention`` (core/backend.py).
+positions, context_lens). The semantics are those of ``Backend.attention`` and ``Backend.rope_attention``
+(core/backend.py).
 
 Shape legend: T new tokens, S sequences, Hq/Hkv query/KV heads, G = Hq/Hkv, d head_dim,
 R cache rows, C cache_len, P decode splits.
@@ -26,6 +31,8 @@ import triton
 import triton.language as tl
 
 from mxmoe.core.batch import Batch
+
+from .ops import rope, rope_ref
 
 LOG2E = 1.4426950408889634  # 1/ln(2): exp(x) = exp2(x * LOG2E)
 _INT32_MAX = 2**31 - 1
@@ -458,6 +465,265 @@ def decode_attention(q, k_cache, v_cache, sinks, batch: Batch, sliding_window: i
 
 
 # ================================================================================================
+# RoPE + KV-cache write + decode, fused: one kernel a layer at decode (Backend.rope_attention)
+# ================================================================================================
+
+@triton.jit
+def _rope_cos_sin(pos, Inv_freq, offs_f, concentration):
+    # cos/sin of the angle pos * inv_freq[f], as ops._rope_kernel computes them (the same float32 product, the
+    # same float64 range reduction with 2π in three float32-exact parts, then float32 cos/sin): the fused
+    # kernel rotates q and k bit for bit as the rope op does. See ops._rope_kernel for why.
+    inv_freq = tl.load(Inv_freq + offs_f).to(tl.float32)
+    angle = (pos.to(tl.float32) * inv_freq).to(tl.float64)
+    turns = tl.floor(angle * 0.15915494 + 0.5)  # ≈ 1/(2π): any nearby integer will do
+    reduced = angle - turns * 6.2831854820251465
+    reduced = reduced - turns * -1.7484555314695172e-07
+    reduced = (reduced - turns * -6.8604980400235275e-15).to(tl.float32)
+    return tl.cos(reduced) * concentration, tl.sin(reduced) * concentration
+
+
+@triton.jit
+def _rotate(x, x_partner, cos, sin, first_half):
+    # Halves, not interleaved pairs: channel i < d/2 pairs with i + d/2. Written per channel as ops._rope_kernel
+    # writes per half: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin.
+    x = x.to(tl.float32)
+    x_partner = x_partner.to(tl.float32)
+    return tl.where(first_half, x * cos - x_partner * sin, x * cos + x_partner * sin)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, BF16_RTNE: tl.constexpr):
+    if BF16_RTNE:
+        return _to_bf16_rtne(x)
+    return x.to(dtype)
+
+
+# G query heads of one KV head (padded to G_PAD >= 16 rows for tl.dot), N keys per block, d head_dim: the
+# token's q and k rotated in registers, its k and v written to the cache (split 0), one split of the band
+# (cached keys from the cache, the new key from registers), then the merge (MERGE 2: by the last split)
+@triton.jit
+def _rope_decode_kernel(Q, K, V, K_cache, V_cache, Sinks, Out, M_part, L_part, Acc_part, Counters,
+                        Cu_seqlens, Positions, Rope_positions, Context_lens, Cache_rows, Slot_mapping, Inv_freq,
+                        concentration, qk_scale, cache_len,
+                        stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                        stride_kc_r, stride_kc_l, stride_kc_h, stride_vc_r, stride_vc_l, stride_vc_h,
+                        stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p,
+                        num_splits,
+                        GROUP: tl.constexpr, G_PAD: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr, P_PAD: tl.constexpr,
+                        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_kvh = tl.program_id(1)
+    pid_p = tl.program_id(2)
+    token = tl.load(Cu_seqlens + pid_s)
+    if tl.load(Cu_seqlens + pid_s + 1) == token:  # a sequence without a new token: nothing to do
+        return
+    pos = tl.load(Positions + token).to(tl.int32)
+    ctx = tl.load(Context_lens + pid_s).to(tl.int32)
+    row = tl.load(Cache_rows + pid_s).to(tl.int64)
+
+    # RoPE in registers: every split rotates the (few) values it needs; nothing rotated goes through memory
+    # but the cache write.
+    HALF: tl.constexpr = HEAD_DIM // 2
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_partner = (offs_d + HALF) % HEAD_DIM
+    first_half = offs_d < HALF
+    mask_g = offs_g < GROUP
+    heads = pid_kvh * GROUP + offs_g
+    cos, sin = _rope_cos_sin(tl.load(Rope_positions + token), Inv_freq, offs_d % HALF, concentration)
+    q_ptrs = Q + token * stride_q_t + heads[:, None] * stride_q_h
+    q = _rotate(tl.load(q_ptrs + offs_d[None, :], mask=mask_g[:, None], other=0.0),
+                tl.load(q_ptrs + offs_partner[None, :], mask=mask_g[:, None], other=0.0),
+                cos[None, :], sin[None, :], first_half[None, :])
+    q = _round_to(q, Q.dtype.element_ty, BF16_RTNE)  # what the rope op would hand attention
+    k_ptrs = K + token * stride_k_t + pid_kvh * stride_k_h
+    k_new = _rotate(tl.load(k_ptrs + offs_d), tl.load(k_ptrs + offs_partner), cos, sin, first_half)
+    k_new = _round_to(k_new, K.dtype.element_ty, BF16_RTNE).to(K_cache.dtype.element_ty)
+    v_new = tl.load(V + token * stride_v_t + pid_kvh * stride_v_h + offs_d).to(V_cache.dtype.element_ty)
+    if pid_p == 0:  # one program writes the new key/value (no split reads that slot: see the loop)
+        slot = tl.load(Slot_mapping + token).to(tl.int64)
+        if slot >= 0:  # (slot < 0: a padding token, vLLM's convention; nothing to write)
+            row_w = slot // cache_len
+            pos_w = slot % cache_len
+            tl.store(K_cache + row_w * stride_kc_r + pos_w * stride_kc_l + pid_kvh * stride_kc_h + offs_d, k_new)
+            tl.store(V_cache + row_w * stride_vc_r + pos_w * stride_vc_l + pid_kvh * stride_vc_h + offs_d, v_new)
+
+    # The band [lo, hi) and this split's share of its blocks, as in _decode_split_kernel.
+    hi = tl.minimum(ctx, pos + 1)
+    if SLIDING_WINDOW > 0:
+        lo = tl.maximum(pos - SLIDING_WINDOW + 1, 0)
+    else:
+        lo = 0
+    cached_hi = tl.minimum(hi, pos)  # keys before the new token's own: in the cache, written by earlier steps
+    num_blocks = tl.cdiv(hi - lo, BLOCK_N)
+    blocks_per_split = tl.cdiv(num_blocks, num_splits)
+    block_start = pid_p * blocks_per_split
+    block_end = tl.minimum(block_start + blocks_per_split, num_blocks)
+
+    sink = tl.load(Sinks + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_i = sink
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)
+    k_base = K_cache + row * stride_kc_r + pid_kvh * stride_kc_h  # int64: many rows pass 2^31 elements
+    v_base = V_cache + row * stride_vc_r + pid_kvh * stride_vc_h
+    for b in range(block_start, block_end):
+        offs_n = lo + b * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        # The slot at pos is never loaded (split 0 may be writing it right now): its key/value come from
+        # registers, exactly what is being written there.
+        mask_c = (offs_n < cached_hi)[:, None]
+        k = tl.load(k_base + offs_n[:, None] * stride_kc_l + offs_d[None, :], mask=mask_c, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vc_l + offs_d[None, :], mask=mask_c, other=0.0)
+        is_new = (offs_n == pos)[:, None]
+        k = tl.where(is_new, k_new[None, :], k)
+        v = tl.where(is_new, v_new[None, :], v)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_n[None, :], True,
+                                             DOT_FP32, INPUT_PRECISION, BF16_RTNE)
+
+    if MERGE == 0:  # one split: normalise here (sink included)
+        out = acc / (l_i + tl.math.exp2(sink - m_i))[:, None]
+        out = _round_to(out, Out.dtype.element_ty, BF16_RTNE)
+        tl.store(Out + token * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :], out, mask=mask_g[:, None])
+    else:
+        ml_offs = pid_s * stride_ml_s + heads * stride_ml_h + pid_p
+        tl.store(M_part + ml_offs, m_i, mask=mask_g)
+        tl.store(L_part + ml_offs, l_i, mask=mask_g)
+        acc_ptrs = (Acc_part + pid_s * stride_acc_s + heads[:, None] * stride_acc_h + pid_p * stride_acc_p
+                    + offs_d[None, :])
+        tl.store(acc_ptrs, acc, mask=mask_g[:, None])
+        if MERGE == 2:  # the last split of this (sequence, KV head) to finish merges them all, in split order
+            counter = Counters + pid_s * tl.num_programs(1) + pid_kvh
+            if _last_to_arrive(counter, num_splits):
+                _merge_group(Out, Sinks, M_part, L_part, Acc_part, token, pid_s, heads, mask_g,
+                             stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h,
+                             stride_acc_p, num_splits, G_PAD, P_PAD, HEAD_DIM, BF16_RTNE)
+                tl.store(counter, 0)  # back to 0 for the next launch (every split of this launch has arrived)
+
+
+@triton.jit
+def _last_to_arrive(counter, num_splits):
+    # Counts this program in; True for the last of num_splits. The barrier orders every thread's partial stores
+    # before the (release) atomic; the last program's reads of the others' partials come after its (acquire)
+    # atomic and go through L2 (.cg), past any stale L1 line. (As moe.py's and linear.py's _arrive.)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+    return arrived == num_splits - 1
+
+
+# G_PAD query heads of one KV head, P splits (padded to P_PAD), d head_dim: the splits' partial softmax states
+# -> the heads' outputs. Deterministic: the same sums in split order, whichever program runs it.
+@triton.jit
+def _merge_group(Out, Sinks, M_part, L_part, Acc_part, token, pid_s, heads, mask_g,
+                 stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p,
+                 num_splits, G_PAD: tl.constexpr, P_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BF16_RTNE: tl.constexpr):
+    offs_p = tl.arange(0, P_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_gp = mask_g[:, None] & (offs_p < num_splits)[None, :]
+    ml_offs = pid_s * stride_ml_s + heads[:, None] * stride_ml_h + offs_p[None, :]  # (G_PAD, P_PAD)
+    m = tl.load(M_part + ml_offs, mask=mask_gp, other=float("-inf"), cache_modifier=".cg")  # base 2, >= the sink
+    l = tl.load(L_part + ml_offs, mask=mask_gp, other=0.0, cache_modifier=".cg")
+    # The sink, in the same base-2 units as the splits' maxima, counted exactly once.
+    sink = tl.load(Sinks + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
+    m_all = tl.maximum(tl.max(m, 1), sink)  # (G_PAD,)
+    l_all = tl.sum(l * tl.math.exp2(m - m_all[:, None]), 1) + tl.math.exp2(sink - m_all)
+    acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)
+    acc_ptrs = Acc_part + pid_s * stride_acc_s + heads[:, None] * stride_acc_h + offs_d[None, :]
+    for p in range(num_splits):  # (G_PAD, d) a split, pipelined loads; one head's P x d would not fit G heads
+        w = tl.math.exp2(tl.load(M_part + pid_s * stride_ml_s + heads * stride_ml_h + p, mask=mask_g,
+                                 other=float("-inf"), cache_modifier=".cg") - m_all)
+        acc += tl.load(acc_ptrs + p * stride_acc_p, mask=mask_g[:, None], other=0.0, cache_modifier=".cg") * w[:, None]
+    out = _round_to(acc / l_all[:, None], Out.dtype.element_ty, BF16_RTNE)
+    tl.store(Out + token * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :], out, mask=mask_g[:, None])
+
+
+# Counters of the in-kernel merge (int32, at 0 between launches: each launch's last programs put theirs back),
+# one buffer per device shared by every layer (kernels of one stream run one after another). Made by an eager
+# call, outside any CUDA-graph capture (a captured graph keeps its address), and never replaced.
+_COUNTERS: dict[str, torch.Tensor] = {}
+_MIN_COUNTERS = 8192  # (sequence, KV head) pairs: 1024 sequences at 8 KV heads
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    have = _COUNTERS.get(str(device))
+    if have is None or have.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"rope_attention: the decode kernel's {n} merge counters must be made by one eager "
+                               "call with at least this batch before a CUDA graph captures it")
+        have = _COUNTERS[str(device)] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    return have
+
+
+MERGES = ("program", "kernel")  # who merges the splits: the last split program (one launch), or a merge kernel
+
+
+def rope_decode_attention(q, k, v, positions, inv_freq, concentration: float, sinks, k_cache, v_cache,
+                          batch: Batch, sliding_window: int, sm_scale: float, *, out: torch.Tensor | None = None,
+                          block_n: int | None = None, num_splits: int | None = None, merge: str = "program",
+                          num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """:func:`rope_attention_ref` for one new token per sequence (batch.max_seqlen == 1) in one kernel: RoPE of
+    q and k in registers, the rotated k and v written into the caches at ``batch.slot_mapping``, split-KV
+    attention reading the cached keys from the cache and the new one from registers, and (``merge="program"``)
+    the splits merged by the last of them to finish; ``merge="kernel"`` leaves that to the merge kernel of
+    :func:`decode_attention` (a second launch). The slot a new token is written to must not be read by
+    another sequence of the batch (true when sequences own their cache rows, Batch's contract)."""
+    T, Hq, d = q.shape
+    Hkv = _check_attention(q, k_cache, v_cache, sinks, batch)
+    if batch.max_seqlen != 1:
+        raise ValueError(f"rope_decode_attention serves one new token per sequence, got max_seqlen={batch.max_seqlen}")
+    if (k.shape != (T, Hkv, d) or v.shape != k.shape or positions.shape != (T,) or inv_freq.shape != (d // 2,)
+            or k.dtype != q.dtype or v.dtype != q.dtype or batch.slot_mapping.shape != (T,)):
+        raise ValueError(f"rope_attention: expected q (T, Hq, d), k and v (T, Hkv, d) of one dtype, positions and "
+                         f"slot_mapping (T,), inv_freq (d/2,); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}, {tuple(positions.shape)}, {tuple(batch.slot_mapping.shape)}, "
+                         f"{tuple(inv_freq.shape)}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    sinks, inv_freq = sinks.contiguous(), inv_freq.contiguous()
+    out = _output(q, out)
+    S = batch.num_seqs
+    if T == 0 or S == 0:
+        return out
+    dot_fp32, precision = _dot_flags(q.dtype)
+    G = Hq // Hkv
+    if block_n is None:
+        block_n = 16 if _interpreting() else (64 if q.dtype != torch.float32 else 32)
+    if num_splits is None:
+        num_splits = decode_num_splits(S, Hkv, batch.max_context_len, int(sliding_window), block_n,
+                                       _num_sms(q.device))
+    mode = 0 if num_splits == 1 else (2 if merge == "program" else 1)
+    if num_splits > 1:
+        m_part = torch.empty((S, Hq, num_splits), dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        acc_part = torch.empty((S, Hq, num_splits, d), dtype=torch.float32, device=q.device)
+    else:
+        m_part = l_part = acc_part = torch.empty((1, 1, 1, 1), dtype=torch.float32, device=q.device)
+    counters = _counters(q.device, S * Hkv) if mode == 2 else m_part
+    _rope_decode_kernel[(S, Hkv, num_splits)](
+        q, k, v, k_cache, v_cache, sinks, out, m_part, l_part, acc_part, counters,
+        batch.cu_seqlens, batch.positions, positions, batch.context_lens, batch.cache_rows, batch.slot_mapping,
+        inv_freq, float(concentration), sm_scale * LOG2E, k_cache.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), out.stride(0), out.stride(1),
+        m_part.stride(0), m_part.stride(1), acc_part.stride(0), acc_part.stride(1), acc_part.stride(2), num_splits,
+        GROUP=G, G_PAD=max(16, triton.next_power_of_2(G)), SLIDING_WINDOW=int(sliding_window), HEAD_DIM=d,
+        BLOCK_N=block_n, MERGE=mode, P_PAD=triton.next_power_of_2(num_splits), DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision, BF16_RTNE=_bf16_rtne(q.dtype),
+        num_warps=num_warps or 4, num_stages=num_stages or 3)
+    if mode == 1:
+        _decode_merge_kernel[(S, Hq)](
+            out, sinks, m_part, l_part, acc_part, batch.cu_seqlens,
+            out.stride(0), out.stride(1), m_part.stride(0), m_part.stride(1),
+            acc_part.stride(0), acc_part.stride(1), acc_part.stride(2), num_splits,
+            P_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=d, BF16_RTNE=_bf16_rtne(q.dtype),
+            num_warps=1 if num_splits * d <= 2048 else 4)
+    return out
+
+
+# ================================================================================================
 # The op
 # ================================================================================================
 
@@ -505,6 +771,27 @@ def attention_ref(q, k, v, sinks, k_cache, v_cache, batch: Batch, sliding_window
         o = torch.einsum("kgnl,lkd->nkgd", p / denom, vs)
         out[start:end] = o.reshape(end - start, Hq, d).to(q.dtype)
     return out
+
+
+def rope_attention(q, k, v, positions, inv_freq, concentration: float, sinks, k_cache, v_cache, batch: Batch,
+                   sliding_window: int, sm_scale: float) -> torch.Tensor:
+    """Backend.rope_attention (core/backend.py) in Triton: RoPE of q and k (``positions * inv_freq``, halves,
+    cos/sin times ``concentration``), the rotated k and v written into the caches at ``batch.slot_mapping``,
+    then :func:`attention` of the rotated q. Decode (batch.max_seqlen == 1, a host fact: no synchronisation)
+    runs as one kernel (:func:`rope_decode_attention`); prefill and mixed batches compose the rope kernel
+    (ops.py) and :func:`attention`. Capturable in a CUDA graph."""
+    if batch.max_seqlen == 1:
+        return rope_decode_attention(q, k, v, positions, inv_freq, concentration, sinks, k_cache, v_cache, batch,
+                                     sliding_window, sm_scale)
+    q, k = rope(q, k, positions, inv_freq, concentration)
+    return attention(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
+
+
+def rope_attention_ref(q, k, v, positions, inv_freq, concentration: float, sinks, k_cache, v_cache, batch: Batch,
+                       sliding_window: int, sm_scale: float) -> torch.Tensor:
+    """Plain PyTorch version of :func:`rope_attention` (same signature): ``rope_ref``, then :func:`attention_ref`."""
+    q, k = rope_ref(q, k, positions, inv_freq, concentration)
+    return attention_ref(q, k, v, sinks, k_cache, v_cache, batch, sliding_window, sm_scale)
 
 
 # ---- checks shared by the wrappers ----------------------------------------------------------------

@@ -15,8 +15,17 @@ On the lent GPU machine, from the repository root:
    bars: torch's scaled_dot_product_attention (best of its backends, without sinks: an easier problem)
    and the reference engine (TorchBackend.attention).
 
+3. The fused decode op (``rope_decode_attention``: RoPE + cache write + split-KV decode + merge in one kernel,
+   the triton engine's ``rope_attention`` at decode): correctness against today's composition (rope kernel,
+   cache write, split + merge kernels) and the float32 reference at the 20b shape (mixed contexts, windows,
+   host maxima as upper bounds, batch 64, rows past 2^31 elements, both merge modes), a CUDA graph captured
+   once and replayed as contexts change, and timings at batch 1 and 64, context 1k and 8k, window 0 and 128:
+   fused (one kernel; merge by the last split), fused with the merge kernel (two), and the 3-4 kernels of
+   today, with a small sweep of block size / splits for the fused kernel.
+
 Full table to $OUT/attention.txt (+ attention.json); a short table printed last.
 ``--dry-run``: runs the script's code paths on a CPU under TRITON_INTERPRET=1 at tiny shapes.
+``--fused``: only part 3 (and the graph floor), for a short run.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import time
 import traceback
 
 DRY = "--dry-run" in sys.argv
+FUSED_ONLY = "--fused" in sys.argv
 if DRY:
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -39,7 +49,10 @@ import triton  # noqa: E402
 
 from mxmoe.backends.reference import TorchBackend  # noqa: E402
 from mxmoe.backends.triton_engine import attention as A  # noqa: E402
+from mxmoe.backends.triton_engine import ops as O  # noqa: E402
 from mxmoe.core.batch import Batch  # noqa: E402
+from mxmoe.core.config import preset  # noqa: E402
+from mxmoe.core.rope import yarn_inv_freq  # noqa: E402
 
 START = time.time()
 BUDGET_S = 200 if DRY else 225  # the run's limit is 300 s with setup; stop timing sweeps before it
@@ -52,7 +65,7 @@ U_BF16 = 2.0 ** -8
 OUT = os.environ.get("OUT") or "/tmp/attention_out"
 os.makedirs(OUT, exist_ok=True)
 LOG = open(os.path.join(OUT, "attention.txt"), "w")
-RESULTS: dict = {"checks": {}, "timings": {}, "errors": []}
+RESULTS: dict = {"checks": {}, "timings": {}, "fused": {}, "errors": []}
 
 
 def log(*args):
@@ -465,6 +478,210 @@ def timing():
             guarded(name)(prefill_case)(name, spec[0], spec[1], w)
 
 
+# ---- 3. the fused decode op (RoPE + cache write + split-KV decode + merge) ---------------------------------
+
+_INV, _CONC = yarn_inv_freq(preset("gpt-oss-20b"), torch.float32)  # gpt-oss's YaRN frequencies (d = 64)
+INV_FREQ = _INV.to(DEV)
+
+
+def composed_call(c):
+    """Today's path: the rope kernel, then attention() = cache write + split (+ merge): 3-4 kernels."""
+    q, k = O.rope(c["q"], c["k"], c["batch"].positions, INV_FREQ, _CONC)
+    return A.attention(q, k, c["v"], c["sinks"], c["k_cache"], c["v_cache"], c["batch"], c["window"], SCALE)
+
+
+def fused_call(c, **kw):
+    return A.rope_decode_attention(c["q"], c["k"], c["v"], c["batch"].positions, INV_FREQ, _CONC, c["sinks"],
+                                   c["k_cache"], c["v_cache"], c["batch"], c["window"], SCALE, **kw)
+
+
+def _ulps(a, b):
+    """Largest distance in bf16 ulps between two bf16 tensors (NaN where both are NaN counts 0; a NaN on one side
+    only counts as infinite)."""
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return float("inf")
+    d = (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+    d = torch.where(nan_a, torch.zeros_like(d), d)
+    return int(d.max()) if d.numel() else 0
+
+
+def check_fused(name, c, upper_bounds=None):
+    kc0, vc0 = c["k_cache"].clone(), c["v_cache"].clone()
+    ca = dict(c, k_cache=kc0.clone(), v_cache=vc0.clone())
+    want = composed_call(ca)
+    q_rot, k_rot = O.rope(c["q"], c["k"], c["batch"].positions, INV_FREQ, _CONC)
+    # The oracle: attention_ref in float32 on the rope kernel's rotated q and k (the fused kernel rotates as it
+    # does), same cache before the write.
+    ref32 = A.attention_ref(q_rot.float(), k_rot.float(), c["v"].float(), c["sinks"], kc0.float(), vc0.float(),
+                            c["batch"], c["window"], SCALE)
+    mag = A.attention_ref(q_rot, k_rot, c["v"].abs(), c["sinks"], kc0.abs(), vc0.abs(), c["batch"], c["window"],
+                          SCALE).float()
+    bound = 2 * U_BF16 * (ref32.abs() + mag) + 1e-5
+    batch = dataclasses.replace(c["batch"], **upper_bounds) if upper_bounds else c["batch"]
+    ok_all = True
+    for merge in A.MERGES:
+        cb = dict(c, k_cache=kc0.clone(), v_cache=vc0.clone(), batch=batch)
+        out = fused_call(cb, merge=merge)
+        finite = bool(torch.isfinite(out).all())
+        worst = float(((out.float() - ref32).abs() / bound).max())
+        v_same = bool(torch.equal(cb["v_cache"].view(torch.int16), ca["v_cache"].view(torch.int16)))
+        k_ulps = _ulps(cb["k_cache"], ca["k_cache"])  # the whole cache: untouched slots must be equal too
+        k_exact = bool(torch.equal(cb["k_cache"].view(torch.int16), ca["k_cache"].view(torch.int16)))
+        out_ulps = _ulps(out, want)
+        ok = finite and worst <= 1.0 and v_same and k_ulps <= 1
+        ok_all &= ok
+        RESULTS["checks"][f"fused {name} merge={merge}"] = dict(
+            ok=ok, finite=finite, worst_over_bound=worst, v_cache_bitwise=v_same, k_cache_max_ulps=k_ulps,
+            k_cache_bitwise=k_exact, out_max_ulps_vs_composed=out_ulps)
+        log(f"check fused {name:28s} merge={merge:7s} {'PASS' if ok else 'FAIL'}  max err/bound {worst:.3f}  "
+            f"finite {finite}  v cache bitwise {v_same}  k cache {k_ulps} ulp (bitwise {k_exact})  "
+            f"out vs composed {out_ulps} ulp")
+    return ok_all
+
+
+@guarded("fused correctness")
+def fused_correctness():
+    log("== fused decode (rope_decode_attention) vs today's kernels and attention_ref (float32, same bf16 inputs)")
+    def z(n):
+        return n if not DRY else max(1, n // 20)
+
+    L = z(33_000)
+    for W in (0, z(128)):
+        check_fused(f"decode mixed W={W}", make_case([1] * 6, [0, 50, z(1000), z(4097), L, 63], [5, 1, 0, 4, 2, 3], 6,
+                                                     L + 8, W, seed=11 + W))
+        check_fused(f"sink-dominated W={W}", make_case([1] * 3, [10, z(1000), z(5000)], [0, 2, 1], 3, z(5000) + 8, W,
+                                                       sink_shift=8.0, seed=12))
+        check_fused(f"bounds=cache_len W={W}", make_case([1] * 4, [3, z(700), z(2000), 17], [1, 0, 3, 2], 4, z(4096),
+                                                         W, seed=13), upper_bounds=dict(max_context_len=z(4096)))
+        check_fused(f"batch 64 W={W}", make_case([1] * 64, [(37 * i) % z(1500) + 1 for i in range(64)],
+                                                 list(range(63, -1, -1)), 64, z(1600), W, seed=14))
+        check_fused(f"batch 1 ctx 8k W={W}", make_case([1], [z(8191)], [0], 1, z(8191) + 9, W, seed=15))
+    rows = 1100 if not DRY else 4
+    check_fused("rows past 2^31 elements", make_case([1, 1], [z(4000), 77], [rows - 1, 5 % rows], rows, z(4096) + 80,
+                                                     0, seed=16, empty_rows=True))
+    torch.cuda.empty_cache() if not DRY else None
+
+
+@guarded("fused cuda graph")
+def fused_graph_check():
+    """Capture the fused op once (max_context_len = cache_len), replay it as contexts change; compare each replay
+    with today's kernels run eagerly on a copy of the same inputs."""
+    if DRY:
+        return
+    log("== fused decode in a CUDA graph: capture once (max_context_len = cache_len), replay with other contexts")
+    S, C = 4, 8192
+    rows = [2, 0, 3, 1]
+    for W in (0, 128):
+        for merge in A.MERGES:
+            c = make_case([1] * S, [5, 100, 3000, 64], rows, S, C, W, seed=19)
+            static_batch = dataclasses.replace(c["batch"], max_context_len=C)
+            c = dict(c, batch=static_batch)
+            fused_call(dict(c, k_cache=c["k_cache"].clone(), v_cache=c["v_cache"].clone()), merge=merge)  # compile
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = fused_call(c, merge=merge)
+            oks = []
+            gen = torch.Generator(device=DEV).manual_seed(20 + W)
+            for past in ([6, 101, 3001, 65], [8000, 1, 4095, 300], [0, 8191, 17, 5000]):
+                b = Batch.build([1] * S, past, rows, C, device=DEV)
+                for name in ("positions", "cu_seqlens", "context_lens", "cache_rows", "slot_mapping"):
+                    getattr(static_batch, name).copy_(getattr(b, name))
+                for key in ("q", "k", "v"):
+                    c[key].copy_(torch.randn(c[key].shape, generator=gen, device=DEV).to(torch.bfloat16))
+                for r, p in zip(rows, past):
+                    c["k_cache"][r, :p] = torch.randn(p, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+                    c["v_cache"][r, :p] = torch.randn(p, HKV, D, generator=gen, device=DEV).to(torch.bfloat16)
+                    c["k_cache"][r, p:], c["v_cache"][r, p:] = float("nan"), float("nan")
+                ca = dict(c, batch=b, k_cache=c["k_cache"].clone(), v_cache=c["v_cache"].clone())
+                want = composed_call(ca)
+                g.replay()
+                ulps = _ulps(out, want)
+                k_ulps = _ulps(c["k_cache"], ca["k_cache"])
+                v_same = bool(torch.equal(c["v_cache"].view(torch.int16), ca["v_cache"].view(torch.int16)))
+                oks.append(bool(torch.isfinite(out).all()) and ulps <= 2 and k_ulps <= 1 and v_same)
+                log(f"check fused graph replay W={W} merge={merge} past={past}: {'PASS' if oks[-1] else 'FAIL'} "
+                    f"out vs composed {ulps} ulp, k cache {k_ulps} ulp, v cache bitwise {v_same}")
+            RESULTS["checks"][f"fused cuda graph replay W={W} merge={merge}"] = dict(ok=all(oks))
+            del g
+
+
+def fused_case(name, past_lens, window):
+    if left() < 20:
+        log(f"-- {name}: skipped (time budget)")
+        return
+    S = len(past_lens)
+    nbytes = decode_bytes(past_lens, window)
+    sets = rotated([1] * S, past_lens, window, sum(p + 1 for p in past_lens) * HKV * D * 4, seed=300)
+    r = dict(kind="fused decode", S=S, window=window, kv_bytes=nbytes, sets=len(sets))
+    r["composed_us"] = graph_us([lambda c=c: composed_call(c) for c in sets])  # rope + write + split (+ merge)
+    r["rope_us"] = graph_us([lambda c=c: O.rope(c["q"], c["k"], c["batch"].positions, INV_FREQ, _CONC)
+                             for c in sets])
+    r["fused_us"] = graph_us([lambda c=c: fused_call(c) for c in sets])  # one kernel
+    r["fused_merge_kernel_us"] = graph_us([lambda c=c: fused_call(c, merge="kernel") for c in sets])
+    r["eager_composed_us"] = eager_us(lambda: composed_call(sets[0]))
+    r["eager_fused_us"] = eager_us(lambda: fused_call(sets[0]))
+    r["tbs"] = nbytes / r["fused_us"] / 1e6
+    ns0 = A.decode_num_splits(S, HKV, max(past_lens) + 1, window, 64, _sms())
+    r["default_splits"] = ns0
+    sweep = {}
+    for block_n in (64, 128):
+        for waves in (1, 2, 4):
+            if left() < 15:
+                break
+            ns = A.decode_num_splits(S, HKV, max(past_lens) + 1, window, block_n, _sms(), waves=waves,
+                                     min_blocks=1)
+            key = f"N{block_n} P{ns}"
+            if key in sweep:
+                continue
+            sweep[key] = graph_us([lambda c=c: fused_call(c, block_n=block_n, num_splits=ns) for c in sets])
+            if DRY:
+                break
+    r["sweep"] = sweep
+    if sweep:
+        best = min(sweep, key=sweep.get)
+        r["best_cfg"], r["best_us"] = best, sweep[best]
+    RESULTS["fused"][name] = r
+    log(f"-- {name}: fused {r['fused_us']:.1f} us (1 kernel, P={ns0}; {r['tbs']:.2f} TB/s of KV), with the merge "
+        f"kernel {r['fused_merge_kernel_us']:.1f} us, today's kernels {r['composed_us']:.1f} us (rope alone "
+        f"{r['rope_us']:.1f}); eager {r['eager_fused_us']:.1f} vs {r['eager_composed_us']:.1f} us; best "
+        f"{r.get('best_cfg')} {r.get('best_us', float('nan')):.1f} us; {r['sets']} sets")
+    log("   sweep: " + ", ".join(f"{k}: {v:.1f}" for k, v in sorted(sweep.items(), key=lambda kv: kv[1])))
+    del sets
+    if not DRY:
+        torch.cuda.empty_cache()
+
+
+@guarded("fused timing")
+def fused_timing():
+    log("== fused decode timing (µs per call, CUDA-graph replay, inputs rotated past L2): 20b shape, one layer")
+    W = 128 if not DRY else 20
+    ctxs = [1024, 8192] if not DRY else [40, 90]
+    for S in (1, 64) if not DRY else (1, 3):
+        for L in ctxs:
+            for w in (0, W):
+                name = f"fused b{S} ctx {L} W={w}"
+                guarded(name)(fused_case)(name, [L - 1] * S, w)
+
+
+def fused_table():
+    lines = ["", "== fused decode, short table (H200; µs per call of one layer's RoPE + cache write + attention; "
+                 "CUDA-graph replay)",
+             f"{'case':26s} {'fused':>7s} {'+merge k':>8s} {'today':>7s} {'saved':>7s} {'best (cfg)':>18s} "
+             f"{'eager f/t':>13s}"]
+    for name, r in RESULTS["fused"].items():
+        best = f"{r.get('best_us', float('nan')):.1f} ({r.get('best_cfg', '-')})"
+        lines.append(f"{name:26s} {r['fused_us']:7.1f} {r['fused_merge_kernel_us']:8.1f} {r['composed_us']:7.1f} "
+                     f"{r['composed_us'] - r['fused_us']:7.1f} {best:>18s} "
+                     f"{r['eager_fused_us']:6.0f}/{r['eager_composed_us']:<6.0f}")
+    fused_checks = {k: v for k, v in RESULTS["checks"].items() if k.startswith("fused")}
+    n_ok = sum(1 for v in fused_checks.values() if v.get("ok"))
+    lines.append(f"fused checks: {n_ok}/{len(fused_checks)} PASS")
+    for line in lines:
+        log(line)
+
+
 def short_table():
     lines = ["", f"== short table (H200; µs per call; CUDA-graph replay of several calls, floor "
                  f"{RESULTS.get('graph_floor_us', float('nan')):.1f} us a replay shared among them)",
@@ -491,10 +708,16 @@ def main():
     x = torch.zeros(16, device=DEV)
     RESULTS["graph_floor_us"] = graph_us([lambda: x.add_(1)])
     log(f"graph floor (one tiny kernel a replay): {RESULTS['graph_floor_us']:.1f} us")
-    correctness()
-    graph_check()
-    timing()
-    short_table()
+    if not FUSED_ONLY:
+        correctness()
+        graph_check()
+    fused_correctness()
+    fused_graph_check()
+    fused_timing()
+    if not FUSED_ONLY:
+        timing()
+        short_table()
+    fused_table()
     with open(os.path.join(OUT, "attention.json"), "w") as f:
         json.dump(RESULTS, f, indent=1, default=str)
     log(f"total {time.time() - START:.0f} s")
