@@ -435,15 +435,12 @@ INTERPRETER_SKIPS = {
 }
 
 
-# A KNOWN FAILURE, kept visible (strict xfail: the test fails as soon as it passes): the bit-exactness cases
-# with E8M0 scales at the bottom of the range now include outputs in float32's subnormal range; the MoE kernels
-# under the CPU interpreter return 0 where the reference has a subnormal (off by ~1.2e-38). Seen on 2026-12-01
-# after the suite gained those inputs; the H200 certificate of 21:37 that day passed the earlier form of the
-# cases. Open in issue 11/8: make the kernels' scale application exact for subnormal results, or decide in the
-# suite whether float32 flush-to-zero of subnormal outputs is allowed.
-INTERPRETER_KNOWN_FAILURES = {
-    "L1/experts/mxfp4_dequant_mlp*@*", "L1/experts/mxfp4_scale_extremes_*@*", "L1/experts/mxfp4_e8m0_every_byte@*",
-}
+# Known failures under the interpreter, kept visible (strict xfail: the test fails as soon as it passes), by case
+# id pattern. None now. (Until issue 11's fix of 2026-12-01 the five bit-exactness cases mxfp4_dequant_mlp*,
+# mxfp4_scale_extremes_* and mxfp4_e8m0_every_byte were listed here: exact zeros came back as 1.17e-38, from
+# moe.py rounding fp32 -> bf16 by hand into an fp32 subnormal (0 + 0x7FFF) that the interpreter then converted
+# wrongly; the kernels now build the bf16 bits themselves there. The GPU was never affected.)
+INTERPRETER_KNOWN_FAILURES: set[str] = set()
 
 
 def _conformance_params():

@@ -12,6 +12,9 @@ every launch):
   fixed order (deterministic, no atomics). A second family of gemv kernels (configs with ``SPLIT_K``, see
   "split variant" below) prefetches the activations with the weights, splits K over programs and can fuse
   the k-sum into mlp2 (deterministic too: atomic counters only elect the program that sums, in fixed order).
+  A third (configs with ``STATIONARY``, "activation-stationary variant") gives every lane of a warp its own K
+  block, loads that block's activations once per chunk and streams the weight rows past them; K splits and
+  the fused k-sum work as in the second.
 * ``dot`` (up to 64 tokens: tiles of 16 tokens of one expert) and ``prefill`` (tiles of 128): device routing (a stable counting sort of
   the pairs by expert and a static-size tile list, one program), then grouped matrix products on tensor
   cores with the dequantized weights as the wide operand and a tile of one expert's tokens as the narrow
@@ -45,7 +48,10 @@ from mxmoe.core.weights import ExpertLinear
 
 # The interpreter's tl.dot on bf16 operands returns wrong values (FACTS.md): feed it fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter (triton 3.9) also truncates fp32 -> bf16 instead of rounding to nearest even: round by hand there.
+# The interpreter (triton 3.9) also truncates fp32 -> bf16 instead of rounding to nearest even, and converts
+# subnormals wrongly both ways (it renormalizes their significand, then clamps the exponent to 0: fp32 1e-39 -> bf16
+# 4.2e-39, 2^-130 -> 0, and the bits 0x00007FFF -> bf16 0x007F = 1.17e-38). So there the kernels convert between
+# bf16 and fp32 by bits (_cast, _to_f32): the same values as the GPU's cvt.rn, subnormals included.
 _ROUND_BY_HAND = tl.constexpr(_INTERPRET)
 # Inline PTX where it saves instructions (the interpreter cannot run it); MXMOE_TRITON_NO_ASM=1 turns it off.
 _USE_ASM = tl.constexpr(not _INTERPRET and os.environ.get("MXMOE_TRITON_NO_ASM", "0") != "1")
@@ -276,12 +282,24 @@ def _load_x_pairs(x_ptr, offs, mask, X_BF16: tl.constexpr, MASKED: tl.constexpr)
 
 @triton.jit
 def _cast(v, dtype: tl.constexpr):
-    # v.to(dtype), rounding to nearest even also in the interpreter (see _ROUND_BY_HAND).
+    # v.to(dtype), rounding to nearest even also in the interpreter (see _ROUND_BY_HAND). There the bf16 is made
+    # from the rounded upper half of the fp32 bits and never goes through the interpreter's conversion: an exact
+    # 0 + 0x7FFF is an fp32 subnormal, which that conversion turned into bf16 1.17e-38 (the known conformance
+    # failure of issue 11: zeros of SwiGLU and of the output came back as 1.17e-38, and times 2^125 as ~1).
     if _ROUND_BY_HAND and dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(v != v, 0x7FC0, bits)  # NaN stays NaN (the carry could turn it into inf)
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return v.to(dtype)
+
+
+@triton.jit
+def _to_f32(v):
+    # v.to(tl.float32); bf16 by bits in the interpreter (see _ROUND_BY_HAND; exact, subnormals included).
+    if _ROUND_BY_HAND and v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
 
 
 @triton.jit
@@ -425,7 +443,7 @@ def _mlp2_gemv_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
     s_offs = rows[:, None] * stride_s_n
     acc, _ = _gemv_rows(w_ptr + e * stride_w_e * 4, w_offs, 0, s_ptr + e * stride_s_e, s_offs, 0, h_ptr,
                         pid_p * stride_h_p * 16, NB, BLOCK_B, X_BF16, BIG_SCALES, False, PREFETCH)
-    weight = tl.load(ew_ptr + pid_p).to(tl.float32)
+    weight = _to_f32(tl.load(ew_ptr + pid_p))
     y = (tl.sum(acc, axis=1) + tl.load(b_ptr + e * stride_b_e + rows)) * weight
     tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=offs_n < D)
 
@@ -653,7 +671,7 @@ def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                          pid_p * stride_h_p * 16, NB, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES, False, PREFETCH)
     acc = tl.sum(acc, axis=0)
     if SPLIT_K == 1 and not FUSE_SUM:
-        weight = tl.load(ew_ptr + pid_p).to(tl.float32)
+        weight = _to_f32(tl.load(ew_ptr + pid_p))
         y = (acc + tl.load(b_ptr + e * stride_b_e + rows)) * weight
         tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
     else:
@@ -669,7 +687,7 @@ def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                     v = tl.load(b_ptr + ep * stride_b_e + rows)
                     for s in tl.static_range(SPLIT_K):
                         v += tl.load(part_ptr + (pair * SPLIT_K + s) * D + rows, cache_modifier=".cg")
-                    total += v * tl.load(ew_ptr + pair).to(tl.float32)
+                    total += v * _to_f32(tl.load(ew_ptr + pair))
                 tl.store(out_ptr + tok * stride_o_t * 32 + offs_n, _cast(total, out_ptr.dtype.element_ty),
                          mask=mask_n)
                 tl.store(cnt_ptrs, 0)
@@ -679,7 +697,217 @@ def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                 v = tl.load(b_ptr + e * stride_b_e + rows)
                 for s in tl.static_range(SPLIT_K):
                     v += tl.load(part_ptr + (pid_p * SPLIT_K + s) * D + rows, cache_modifier=".cg")
-                y = v * tl.load(ew_ptr + pid_p).to(tl.float32)
+                y = v * _to_f32(tl.load(ew_ptr + pid_p))
+                tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
+                tl.store(cnt_ptrs, 0)
+
+
+# ---- gemv path, activation-stationary variant (config key STATIONARY): every lane owns K blocks ----------------------
+#
+# What still stalls the kernels above (NOTES-moe.md): activations loaded from L1 inside each step, right before their
+# FMAs. The base kernels load a block's activations per row (a warp spans 32 rows of one block); the split kernels
+# load them once per step, but in the sm_90 TTGIR their [BB, 4] activation tiles get a layout of their own that is
+# converted to the weights' layout through shared memory in every step (STS + BAR + LDS; at BB = 32 also 255
+# registers and spills). Here a program (pair, tile of BN rows, K split) gives each lane one K block of a chunk of
+# BB blocks and the warps the rows: word tiles [BB, BN, 4] whose threads run along the blocks (the 4 words of a
+# block in one thread, lanes on the blocks, warps on the rows), and the activations are loaded through pointers
+# broadcast over the rows, a tile of the words' very shape and so of their layout: they arrive in the registers of
+# the lanes that use them. Per chunk a thread loads its block's 16 activation pair-words once (4 LDG.128),
+# splits them once, and then streams the rows it owns in that block: per row one LDG.128 of words (32 values), one
+# scale byte and 32 FFMAs after the decode, no activation load. Lanes past the program's K range are masked (their
+# words and activations read as 0). The sum over the blocks (across lanes) is taken once per program, at the end;
+# split partials and the fused k-sum work as in the split kernels (_arrive).
+
+@triton.jit
+def _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, c0, offs_b, offs_w, b_hi,
+             TWO: tl.constexpr):
+    # Chunk c0 .. c0+BB-1 (blocks < b_hi only): words [BB, BN, 4] and scale bytes [BB, BN] (of the gate and linear
+    # rows if TWO), and the activation pair-words of slots 0..3, [BB, BN, 4] but equal along the rows: loaded
+    # through pointers broadcast over the rows, they take the words' layout (a [BB, 1, 4] tile would get a layout
+    # of its own and a conversion through shared memory), and the compiler keeps one load per thread and slot
+    # (4 LDG.128 a chunk in the sm_90 SASS, not one per row).
+    blk = c0 + offs_b
+    mask_w = (blk < b_hi)[:, None, None]
+    mask_s = (blk < b_hi)[:, None]
+    w_ptrs = w_ptr + w_offs + blk[:, None, None] * 4
+    s_ptrs = s_ptr + s_offs + blk[:, None]
+    wa = tl.load(w_ptrs, mask=mask_w, other=0)
+    sa = tl.load(s_ptrs, mask=mask_s, other=127)
+    if TWO:
+        wb = tl.load(w_ptrs + stride_w_h * 4, mask=mask_w, other=0)
+        sb = tl.load(s_ptrs + stride_s_h, mask=mask_s, other=127)
+    else:
+        wb = wa
+        sb = sa
+    x_ptrs = x_ptr + x_row + tl.broadcast_to(blk[:, None, None] * 16 + offs_w[None, None, :], w_ptrs.shape)
+    x0 = tl.load(x_ptrs, mask=mask_w, other=0)
+    x1 = tl.load(x_ptrs + 4, mask=mask_w, other=0)
+    x2 = tl.load(x_ptrs + 8, mask=mask_w, other=0)
+    x3 = tl.load(x_ptrs + 12, mask=mask_w, other=0)
+    return wa, sa, wb, sb, x0, x1, x2, x3
+
+
+@triton.jit
+def _st_slot(part, w, xp, SLOT: tl.constexpr, X_BF16: tl.constexpr, EXACT: tl.constexpr):
+    xe, xo = _x_split(xp, X_BF16)  # the same for every row of a thread: split once (CSE), shared by its rows
+    lo, hi = _slot_f32(w, SLOT, EXACT)
+    part = part + lo * xe
+    return part + hi * xo
+
+
+@triton.jit
+def _st_block_sums(w, x0, x1, x2, x3, X_BF16: tl.constexpr, EXACT: tl.constexpr):
+    # Words [BB, BN, 4] and the activations of their 4 slots -> [BB, BN]: sum over each block's 32 values of
+    # E2M1 * 2^-14 (or E2M1 if EXACT) * x.
+    w = w.to(tl.uint32, bitcast=True)
+    xe, xo = _x_split(x0, X_BF16)
+    lo, hi = _slot_f32(w, 0, EXACT)
+    part = lo * xe + hi * xo  # starts the 4 accumulators (no zero fill)
+    part = _st_slot(part, w, x1, 1, X_BF16, EXACT)
+    part = _st_slot(part, w, x2, 2, X_BF16, EXACT)
+    part = _st_slot(part, w, x3, 3, X_BF16, EXACT)
+    return tl.sum(part, axis=2)
+
+
+@triton.jit
+def _st_compute(acc_a, acc_b, wa, sa, wb, sb, x0, x1, x2, x3, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr,
+                TWO: tl.constexpr):
+    # acc [BB, BN] += block scale * block sum, for one chunk.
+    acc_a += _scale_values(_st_block_sums(wa, x0, x1, x2, x3, X_BF16, BIG_SCALES), sa, BIG_SCALES)
+    if TWO:
+        acc_b += _scale_values(_st_block_sums(wb, x0, x1, x2, x3, X_BF16, BIG_SCALES), sb, BIG_SCALES)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _st_rows(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, b_lo, b_hi,
+             BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, TWO: tl.constexpr,
+             PREFETCH: tl.constexpr):
+    # The chunks of BB blocks in [b_lo, b_hi) (none if b_lo >= b_hi: the sums are then 0): [BB, BN] sums per lane.
+    # PREFETCH 1: the next chunk's words and activations are loaded before this chunk's decode and FMAs (a chunk past
+    # the end is all masked: no memory traffic).
+    offs_b = tl.arange(0, BLOCK_B)
+    offs_w = tl.arange(0, 4)
+    wa, sa, wb, sb, x0, x1, x2, x3 = _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row,
+                                              b_lo, offs_b, offs_w, b_hi, TWO)
+    if PREFETCH >= 1:
+        na, nsa, nb, nsb, n0, n1, n2, n3 = _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
+                                                    x_row, b_lo + BLOCK_B, offs_b, offs_w, b_hi, TWO)
+    # The first chunk starts the accumulators, so that they take the layout of its result.
+    acc_a, acc_b = _st_compute(0.0, 0.0, wa, sa, wb, sb, x0, x1, x2, x3, X_BF16, BIG_SCALES, TWO)
+    for c0 in range(b_lo + BLOCK_B, b_hi, BLOCK_B):
+        if PREFETCH >= 1:
+            wa, sa, wb, sb, x0, x1, x2, x3 = na, nsa, nb, nsb, n0, n1, n2, n3
+            na, nsa, nb, nsb, n0, n1, n2, n3 = _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
+                                                        x_row, c0 + BLOCK_B, offs_b, offs_w, b_hi, TWO)
+        else:
+            wa, sa, wb, sb, x0, x1, x2, x3 = _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
+                                                      x_row, c0, offs_b, offs_w, b_hi, TWO)
+        acc_a, acc_b = _st_compute(acc_a, acc_b, wa, sa, wb, sb, x0, x1, x2, x3, X_BF16, BIG_SCALES, TWO)
+    return acc_a, acc_b
+
+
+# BN SwiGLU outputs of one (token, slot) pair over split pid_s of K, lanes on K blocks. part: [P, SPLIT_K, 2, I]
+# fp32 partials; cnt: [P, cdiv(I, BN)] int32 counters (both unused if SPLIT_K == 1).
+@triton.jit
+def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
+                         w_ptr, stride_w_e, stride_w_h, stride_w_n,
+                         s_ptr, stride_s_e, stride_s_h, stride_s_n,
+                         b_ptr, stride_b_e, stride_b_h,
+                         h_ptr, stride_h_p, part_ptr, cnt_ptr,
+                         NB, I, TOP_K, alpha, limit,
+                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                         X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    e = tl.load(idx_ptr + pid_p).to(tl.int64)
+    tok = pid_p // TOP_K
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    rows = tl.minimum(offs_n, I - 1)  # past the last row, read it again (the stores drop those outputs)
+    w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]
+    s_offs = rows[None, :] * stride_s_n
+    b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
+    acc_g, acc_l = _st_rows(w_ptr + e * stride_w_e * 4, w_offs, stride_w_h, s_ptr + e * stride_s_e, s_offs,
+                            stride_s_h, x_ptr, tok * stride_x_t * 16, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES, True,
+                            PREFETCH)
+    gate = tl.sum(acc_g, axis=0)  # across the lanes, once
+    lin = tl.sum(acc_l, axis=0)
+    bias_ptrs = b_ptr + e * stride_b_e + rows
+    h_ptrs = h_ptr + pid_p * stride_h_p * 32 + offs_n
+    if SPLIT_K == 1:
+        h = _swiglu(gate + tl.load(bias_ptrs), lin + tl.load(bias_ptrs + stride_b_h), alpha, limit)
+        tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        part_ptrs = part_ptr + pid_p * SPLIT_K * 2 * I + rows
+        tl.store(part_ptrs + pid_s * 2 * I, gate, mask=mask_n)
+        tl.store(part_ptrs + pid_s * 2 * I + I, lin, mask=mask_n)
+        cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
+        if _arrive(cnt_ptrs, SPLIT_K):
+            gate = tl.load(bias_ptrs)
+            lin = tl.load(bias_ptrs + stride_b_h)
+            for s in tl.static_range(SPLIT_K):  # split order, whichever program came last
+                gate += tl.load(part_ptrs + s * 2 * I, cache_modifier=".cg")
+                lin += tl.load(part_ptrs + s * 2 * I + I, cache_modifier=".cg")
+            h = _swiglu(gate, lin, alpha, limit)
+            tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(cnt_ptrs, 0)  # ready for the next launch
+
+
+# BN outputs of one (token, slot) pair over split pid_s of K, lanes on K blocks: y[pair] = w_pair * (W2 h + b2), or
+# with FUSE_SUM out[tok] written by the last of the token's k * SPLIT_K programs (as _mlp2_gemv_split_kernel).
+@triton.jit
+def _mlp2_gemv_st_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
+                         w_ptr, stride_w_e, stride_w_n,
+                         s_ptr, stride_s_e, stride_s_n,
+                         b_ptr, stride_b_e,
+                         y_ptr, stride_y_p, out_ptr, stride_o_t, part_ptr, cnt_ptr,
+                         NB, D, TOP_K,
+                         BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
+                         FUSE_SUM: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr,
+                         PREFETCH: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    e = tl.load(idx_ptr + pid_p).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    rows = tl.minimum(offs_n, D - 1)
+    w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]
+    s_offs = rows[None, :] * stride_s_n
+    b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
+    acc, _ = _st_rows(w_ptr + e * stride_w_e * 4, w_offs, 0, s_ptr + e * stride_s_e, s_offs, 0, h_ptr,
+                      pid_p * stride_h_p * 16, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES, False, PREFETCH)
+    acc = tl.sum(acc, axis=0)
+    if SPLIT_K == 1 and not FUSE_SUM:
+        weight = _to_f32(tl.load(ew_ptr + pid_p))
+        y = (acc + tl.load(b_ptr + e * stride_b_e + rows)) * weight
+        tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
+    else:
+        tl.store(part_ptr + (pid_p * SPLIT_K + pid_s) * D + rows, acc, mask=mask_n)
+        if FUSE_SUM:
+            tok = pid_p // TOP_K
+            cnt_ptrs = cnt_ptr + tok * tl.num_programs(1) + pid_n
+            if _arrive(cnt_ptrs, TOP_K * SPLIT_K):
+                total = tl.zeros([BLOCK_N], tl.float32)
+                for slot in range(TOP_K):  # slot order, then split order: whichever program came last
+                    pair = tok * TOP_K + slot
+                    ep = tl.load(idx_ptr + pair).to(tl.int64)
+                    v = tl.load(b_ptr + ep * stride_b_e + rows)
+                    for s in tl.static_range(SPLIT_K):
+                        v += tl.load(part_ptr + (pair * SPLIT_K + s) * D + rows, cache_modifier=".cg")
+                    total += v * _to_f32(tl.load(ew_ptr + pair))
+                tl.store(out_ptr + tok * stride_o_t * 32 + offs_n, _cast(total, out_ptr.dtype.element_ty),
+                         mask=mask_n)
+                tl.store(cnt_ptrs, 0)
+        else:
+            cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
+            if _arrive(cnt_ptrs, SPLIT_K):
+                v = tl.load(b_ptr + e * stride_b_e + rows)
+                for s in tl.static_range(SPLIT_K):
+                    v += tl.load(part_ptr + (pid_p * SPLIT_K + s) * D + rows, cache_modifier=".cg")
+                y = v * _to_f32(tl.load(ew_ptr + pid_p))
                 tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
                 tl.store(cnt_ptrs, 0)
 
@@ -792,7 +1020,7 @@ def _dot_step(acc, w, s, x_ptr, x_offs, mask_x, X_SLOT: tl.constexpr, BLOCK_N: t
 @triton.jit
 def _to_dot(v, DOT_F32: tl.constexpr):
     if DOT_F32:
-        return v.to(tl.float32)
+        return _to_f32(v)
     else:
         return v.to(tl.bfloat16)
 
@@ -913,7 +1141,7 @@ def _mlp2_dot_kernel(h_ptr, stride_h_r, order_ptr, tiles_ptr, MAX_TILES, ew_ptr,
         w_ptrs += BLOCK_B * 4
         s_ptrs += BLOCK_B
         x_offs += BLOCK_B * X_STEP
-    weight = tl.load(ew_ptr + pair, mask=mask_r, other=0.0).to(tl.float32)
+    weight = _to_f32(tl.load(ew_ptr + pair, mask=mask_r, other=0.0))
     y = (acc + tl.load(b_ptr + e * stride_b_e + offs_n, mask=mask_n, other=0.0)[:, None]) * weight[None, :]
     tl.store(y_ptr + pair[None, :] * stride_y_p * 32 + offs_n[:, None], y, mask=mask_n[:, None] & mask_r[None, :])
 
@@ -934,13 +1162,17 @@ def _sum_slots_kernel(y_ptr, stride_y_p, out_ptr, stride_o_t, D, TOP_K: tl.const
 # ---- the public op ------------------------------------------------------------------------------------------------
 
 # Tile shapes per path (BN rows of output, BB blocks of 32 per K step, BT tokens per tile): the fastest of the sweep
-# on the H200 (tests/benchmarks/gpu/NOTES-moe.md, second run). The gemv path has two kernel families: the base
-# kernels (GEMV_BASE, measured) and the split ones (a config with SPLIT_K; GEMV_SPLIT is an unmeasured guess from
-# the offline sm_90 compile). `moe_kernels.py --sweep-t1` measures both and prints the "gemv" line to put below.
+# on the H200 (tests/benchmarks/gpu/NOTES-moe.md, second run). The gemv path has three kernel families (see
+# gemv_family): the base kernels (GEMV_BASE, measured), the split ones (a config with SPLIT_K; GEMV_SPLIT is an
+# unmeasured guess from the offline sm_90 compile) and the activation-stationary ones (STATIONARY; GEMV_ST, also
+# unmeasured: the offline compile's leanest tiles). `moe_kernels.py --sweep-t1` measures them and prints the
+# "gemv" line to put below.
 GEMV_BASE = dict(mlp1=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=2),
                  mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0))
 GEMV_SPLIT = dict(mlp1=dict(BLOCK_N=32, BLOCK_B=8, num_warps=4, PREFETCH=2, SPLIT_K=4),
                   mlp2=dict(BLOCK_N=16, BLOCK_B=8, num_warps=4, PREFETCH=1, SPLIT_K=2, FUSE_SUM=True))
+GEMV_ST = dict(mlp1=dict(STATIONARY=True, BLOCK_N=16, BLOCK_B=32, num_warps=4, SPLIT_K=3),
+               mlp2=dict(STATIONARY=True, BLOCK_N=16, BLOCK_B=32, num_warps=4, SPLIT_K=3, FUSE_SUM=True))
 CONFIGS = {
     "gemv": GEMV_BASE,  # the one line that selects the gemv kernels (the sweep's winner goes here)
     "dot": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=128, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
@@ -954,11 +1186,19 @@ GEMV_MAX_TOKENS = 8
 DOT_MAX_TOKENS = 64  # up to here tiles of 16 tokens of one expert (gpt-oss: <= ~16 tokens on an expert)
 
 
+# From this many (token, expert) pairs per expert on average, prefill dequantizes the routed experts into a bf16
+# workspace and runs grouped GEMMs on them (moe_prefill.py): on the H200 1.02x the in-register "prefill" path at
+# 64 pairs per expert (T = 512, E = 32; 1.05x at T = 2048, E = 128), 1.79x at 256, 3.0x at 1024; 0.88x at 16.
+PREFILL_DEQUANT_MIN_PAIRS_PER_EXPERT = 64
+
+
 def choose_path(T: int, top_k: int, num_experts: int) -> str:
     """The path for T tokens: a function of the shapes alone, so it is fixed inside a CUDA graph."""
     if T <= GEMV_MAX_TOKENS:
         return "gemv"
-    return "dot" if T <= DOT_MAX_TOKENS else "prefill"
+    if T <= DOT_MAX_TOKENS:
+        return "dot"
+    return "prefill_dequant" if T * top_k >= PREFILL_DEQUANT_MIN_PAIRS_PER_EXPERT * num_experts else "prefill"
 
 
 def _buffer(shape, dtype, device) -> torch.Tensor:
@@ -997,9 +1237,18 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
         PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"])
 
 
+def gemv_family(cfg: dict) -> str:
+    """The gemv kernels a layer config selects: "stationary" (key STATIONARY true: lanes own K blocks, activations
+    loaded once per chunk; SPLIT_K, PREFETCH 0/1, FUSE_SUM as below), "split" (key SPLIT_K: activations prefetched,
+    K split, sums fused) or "base"."""
+    if cfg.get("STATIONARY", False):
+        return "stationary"
+    return "split" if "SPLIT_K" in cfg else "base"
+
+
 def is_split_config(cfg: dict) -> bool:
     """A gemv layer config selects the split kernels (activations prefetched, K split, sums fused) by SPLIT_K."""
-    return "SPLIT_K" in cfg
+    return gemv_family(cfg) == "split"
 
 
 def _split_pairs(t: torch.Tensor) -> torch.Tensor:
@@ -1060,6 +1309,60 @@ def launch_mlp2_gemv_split(h, idx, ew, w: MoEWeights, y, out, cfg):
         num_warps=cfg["num_warps"])
 
 
+def _check_st(cfg: dict):
+    if cfg.get("SPLIT_K", 1) < 1 or cfg.get("PREFETCH", 0) not in (0, 1):
+        raise ValueError(f"moe gemv stationary config {cfg}: SPLIT_K >= 1 and PREFETCH 0 or 1")
+
+
+def launch_mlp1_gemv_st(x, idx, w: MoEWeights, h, cfg, alpha, limit):
+    _check_st(cfg)
+    P, (T, D), I, split = idx.numel(), x.shape, w.intermediate, cfg.get("SPLIT_K", 1)
+    tiles = triton.cdiv(I, cfg["BLOCK_N"])
+    part = _buffer((P, split, 2, I), torch.float32, x.device) if split > 1 else h
+    cnt = _counters(w, P * tiles, idx.shape[1], x.device) if split > 1 else idx
+    _mlp1_gemv_st_kernel[(P, tiles, split)](
+        _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
+        *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
+        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"])
+
+
+def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
+    """y (P, D) fp32 weighted rows, or with cfg FUSE_SUM the output (T, D) itself (y unused, may be None)."""
+    _check_st(cfg)
+    P, D, I, split = idx.numel(), w.hidden, w.intermediate, cfg.get("SPLIT_K", 1)
+    fuse = bool(cfg.get("FUSE_SUM", False))
+    tiles = triton.cdiv(D, cfg["BLOCK_N"])
+    direct = split == 1 and not fuse
+    part = h if direct else _buffer((P, split, D), torch.float32, h.device)
+    cnt = idx if direct else _counters(w, (idx.shape[0] if fuse else P) * tiles, idx.shape[1], h.device)
+    y = out if y is None else y
+    _mlp2_gemv_st_kernel[(P, tiles, split)](
+        _split_pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2,
+        w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
+        X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)),
+        num_warps=cfg["num_warps"])
+
+
+def launch_mlp1_gemv_any(x, idx, w: MoEWeights, h, cfg, alpha, limit):
+    """mlp1 through the gemv kernels that ``cfg`` selects (:func:`gemv_family`)."""
+    fam = gemv_family(cfg)
+    launch = {"stationary": launch_mlp1_gemv_st, "split": launch_mlp1_gemv_split, "base": launch_mlp1_gemv}[fam]
+    launch(x, idx, w, h, cfg, alpha, limit)
+
+
+def launch_mlp2_gemv_any(h, idx, ew, w: MoEWeights, y, out, cfg) -> bool:
+    """mlp2 through the gemv kernels that ``cfg`` selects; True if they wrote ``out`` (FUSE_SUM), else the
+    weighted rows ``y`` for :func:`launch_sum_slots`."""
+    fam = gemv_family(cfg)
+    if fam == "base":
+        launch_mlp2_gemv(h, idx, ew, w, y, cfg)
+        return False
+    (launch_mlp2_gemv_st if fam == "stationary" else launch_mlp2_gemv_split)(h, idx, ew, w, y, out, cfg)
+    return bool(cfg.get("FUSE_SUM", False))
+
+
 def check_dot_config(cfg: dict, interpret: bool = _INTERPRET) -> bool:
     """The JOIN flag of a dot-kernel config, after checking what triton 3.6 compiles correctly: the joined lanes
     (tl.join + reshape) as the A operand of an MMAv2 product (BLOCK_N < 64, where wgmma does not apply) gave wrong
@@ -1106,8 +1409,8 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
 
     x (T, D) bfloat16 or float32; expert_weights (T, k) (x's dtype or float32); expert_indices (T, k) int64 in
     [0, E). No host synchronisation; every grid depends only on T, k, E and the weights' shapes. ``path``
-    ("gemv", "dot", "prefill") and ``config`` override the choice from T (tests, benchmarks); ``out`` may be
-    given (T, D) in x.dtype.
+    ("gemv", "dot", "prefill", "prefill_dequant": moe_prefill.py) and ``config`` override the choice from T
+    (tests, benchmarks); ``out`` may be given (T, D) in x.dtype.
     """
     T, D = x.shape
     k = expert_indices.shape[1]
@@ -1126,23 +1429,22 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
     if T == 0:
         return out
     path = path or choose_path(T, k, w.num_experts)
+    if path == "prefill_dequant" and x.dtype != torch.bfloat16:
+        path = "prefill"  # the workspace GEMMs are bf16 tensor-core products; fp32 stays on the in-register path
+    if path == "prefill_dequant":
+        from .moe_prefill import moe_prefill_dequant  # imports this module: not at the top
+
+        return moe_prefill_dequant(x, ew, idx, w, swiglu_alpha, swiglu_limit, config=config, out=out)
     cfg = config or CONFIGS[path]
     if path not in ("gemv", "dot", "prefill"):
         raise ValueError(f"moe_mxfp4: unknown path {path!r}")
     h = _buffer((T * k, w.intermediate), x.dtype, x.device)  # SwiGLU(mlp1) per pair, in x's dtype
-    fused = path == "gemv" and is_split_config(cfg["mlp2"]) and bool(cfg["mlp2"].get("FUSE_SUM", False))
+    fused = (path == "gemv" and gemv_family(cfg["mlp2"]) != "base" and bool(cfg["mlp2"].get("FUSE_SUM", False)))
     y = None if fused else _buffer((T * k, D), torch.float32, x.device)  # weighted mlp2 rows per pair
     if path == "gemv":
-        if is_split_config(cfg["mlp1"]):
-            launch_mlp1_gemv_split(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
-        else:
-            launch_mlp1_gemv(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
-        if is_split_config(cfg["mlp2"]):
-            launch_mlp2_gemv_split(h, idx, ew, w, y, out, cfg["mlp2"])
-            if fused:  # the token's last mlp2 program wrote out
-                return out
-        else:
-            launch_mlp2_gemv(h, idx, ew, w, y, cfg["mlp2"])
+        launch_mlp1_gemv_any(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
+        if launch_mlp2_gemv_any(h, idx, ew, w, y, out, cfg["mlp2"]):  # the token's last mlp2 program wrote out
+            return out
     else:
         order, tiles = moe_routing(idx, w.num_experts, cfg["BLOCK_T"])
         launch_mlp1_dot(x, order, tiles, k, w, h, cfg["BLOCK_T"], cfg["mlp1"], swiglu_alpha, swiglu_limit)

@@ -48,13 +48,11 @@ import triton
 import triton.language as tl
 
 from mxmoe.backends.triton_engine import moe as _moe
-from mxmoe.backends.triton_engine.moe import MoEWeights
+from mxmoe.backends.triton_engine.moe import MoEWeights, _cast  # _cast: the one bf16 rounding (interpreter-safe)
 from mxmoe.core.backend import NotSupported
 
 # The interpreter's tl.dot on bf16 operands returns wrong values (FACTS.md): feed it fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# The interpreter (triton 3.9) truncates fp32 -> bf16 instead of rounding to nearest even: round by hand there.
-_ROUND_BY_HAND = tl.constexpr(_INTERPRET)
 
 # Test hook: fill h, y and the workspace with NaN, so that a read of anything no kernel wrote shows up.
 _POISON_BUFFERS = False
@@ -64,13 +62,13 @@ CHUNK_EXPERTS = 32  # experts dequantized at a time: bounds the workspace (C x 2
 # Tile shapes (BLOCK_M pairs of one expert per tile, BLOCK_N outputs, BLOCK_K inputs per step). mlp1's
 # BLOCK_N counts interleaved gate and linear columns (BLOCK_N / 2 SwiGLU outputs) when FUSED, else each of
 # the two products has BLOCK_N / 2 columns. Dequant: BLOCK_R rows x BLOCK_B blocks per step, ROWS rows per
-# program. These are the matmul tutorial's choices for Hopper, before any measurement:
-# tests/benchmarks/gpu/moe_prefill.py sweeps them and prints the lines to put here.
+# program. The winners of tests/benchmarks/gpu/moe_prefill.py on the H200 (2026-12-01, triton 3.6; table in
+# tests/benchmarks/results/h200-2026-12-01-moe-prefill.txt): mlp1 444 TFLOP/s, mlp2 409 TFLOP/s at T = 2048.
 CONFIG = dict(
     BLOCK_M=128,
-    dequant=dict(BLOCK_R=16, BLOCK_B=8, ROWS=64, num_warps=4),
-    mlp1=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, FUSED=True),
-    mlp2=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3),
+    dequant=dict(BLOCK_R=8, BLOCK_B=16, ROWS=64, num_warps=4),
+    mlp1=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, FUSED=True),
+    mlp2=dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4),
 )
 # fp32 activations multiply in fp32 (FMAs, not tensor cores): tiles small enough not to spill registers (sm_90
 # compile: 64 x 64 x 16 at 4 warps holds in ~230 registers; 64 x 128 x 32 spills kilobytes a thread).
@@ -90,14 +88,6 @@ def _buffer(shape, dtype, device) -> torch.Tensor:
 
 # ---- shared device helpers ------------------------------------------------------------------------------------
 
-@triton.jit
-def _cast(v, dtype: tl.constexpr):
-    # v.to(dtype), rounding to nearest even also in the interpreter (see _ROUND_BY_HAND).
-    if _ROUND_BY_HAND and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
-    return v.to(dtype)
 
 
 @triton.jit

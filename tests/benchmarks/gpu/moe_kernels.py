@@ -20,13 +20,15 @@ On the lent GPU machine, from the repository root:
 Full table to $OUT/moe.txt (+ moe.json); a short table printed last.
 ``--dry-run``: the script's code paths on a CPU under TRITON_INTERPRET=1 at tiny shapes (no timing value).
 
-``--sweep-t1`` (< 60 s with compilation): only the split gemv kernels (``SPLIT_K`` configs, moe.py) against the
-default gemv config: every variant checked against ``moe_mxfp4_ref`` at T = 1 and 4 with E = 32 and 128, then
-timed per kernel at T = 1 (E = 32), the best pair as a whole op at T = 1 (E = 32, 128), 4 and 8 next to the
-default, a CUDA-graph replay of it against eager; a short table to stdout and $OUT/moe_sweep.txt, ending with
-the ``CONFIGS["gemv"]`` line that selects the winner:
+``--sweep-t1`` (< 60 s with compilation): only the gemv kernel families, the split ones (``SPLIT_K`` configs,
+moe.py) and the activation-stationary ones (``STATIONARY``), interleaved, against the default gemv config: every
+variant checked against ``moe_mxfp4_ref`` at T = 1 and 4 with E = 32 and 128, then timed per kernel at T = 1
+(E = 32), the best pair (each layer's fastest, of any family) as a whole op at T = 1 (E = 32, 128), 4 and 8 next
+to the default, a CUDA-graph replay of it against eager; a short table to stdout and $OUT/moe_sweep.txt, ending
+with the ``CONFIGS["gemv"]`` line that selects the winner. ``--family split`` or ``--family stationary`` sweeps
+one family only (more of its variants fit the time budget):
 
-    source tests/benchmarks/gpu/setup.sh && python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1
+    source tests/benchmarks/gpu/setup.sh && python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1 [--family stationary]
 """
 
 from __future__ import annotations
@@ -462,7 +464,7 @@ def dot_case(case: str, T: int, E: int, path: str, cfgs, block_ts):
     return w, x, idx
 
 
-# ---- --sweep-t1: the split gemv kernels against the default ----------------------------------------------------------
+# ---- --sweep-t1: the split and stationary gemv kernels against the default -------------------------------------------
 
 # mlp1 / mlp2: (BLOCK_N, BLOCK_B, num_warps, PREFETCH, SPLIT_K[, FUSE_SUM]). K = 2880 is 90 blocks: e.g. BB 8 with
 # SPLIT_K 4 gives 3 steps of 8 blocks per program, all of them loaded before the first FMA with PREFETCH 2.
@@ -471,17 +473,41 @@ SPLIT1 = [(32, 8, 4, 2, 4), (16, 8, 4, 2, 2), (32, 4, 4, 2, 4), (8, 16, 4, 2, 1)
           (16, 16, 4, 2, 2), (64, 8, 4, 1, 6), (32, 8, 8, 1, 2)]
 SPLIT2 = [(16, 8, 4, 1, 2, True), (32, 8, 4, 2, 4, True), (8, 16, 4, 0, 1, True), (32, 4, 4, 2, 4, True),
           (16, 16, 4, 2, 2, True), (16, 8, 4, 0, 4, True), (32, 8, 4, 2, 4, False)]
+# The activation-stationary kernels (STATIONARY, session 4), same tuples: lanes own K blocks, BB = 32 lanes with
+# SPLIT_K 3 (90 = 3 x 30 blocks: one chunk per program, 2 of 32 lanes idle) or BB 16 with SPLIT_K 6; SPLIT_K 1
+# loops over 3 chunks. Offline sm_90 compile (NOTES-moe.md, session 4): 4.07-4.29 instructions per weight value
+# (base kernels 5.0-5.3), no shared memory in the K loop, 96-128 registers.
+ST1 = [(16, 32, 4, 0, 3), (8, 32, 4, 0, 3), (32, 32, 8, 0, 3), (16, 16, 4, 0, 6), (16, 32, 4, 0, 1)]
+ST2 = [(16, 32, 4, 0, 3, True), (32, 32, 4, 0, 3, True), (32, 16, 4, 0, 6, True), (16, 32, 4, 1, 1, True),
+       (32, 32, 4, 0, 3, False)]
 if DRY:
     SPLIT1, SPLIT2 = SPLIT1[:2], SPLIT2[:2] + SPLIT2[-1:]
+    ST1, ST2 = [(16, 8, 4, 0, 3), (16, 4, 4, 1, 1)], [(16, 8, 4, 0, 3, True), (32, 4, 4, 1, 1, False)]
 SPLIT_KEYS = ("BLOCK_N", "BLOCK_B", "num_warps", "PREFETCH", "SPLIT_K", "FUSE_SUM")
 SWEEP_BUDGET_S = 1e9 if DRY else 40  # since START: new variants are skipped past this (all within 60 s)
+# --family split / stationary: sweep only that family against the default (more of its variants fit the budget).
+FAMILY = sys.argv[sys.argv.index("--family") + 1] if "--family" in sys.argv else "all"
 
 
 def _cfg_name(cfg: dict) -> str:
-    if "SPLIT_K" not in cfg:
+    fam = moe.gemv_family(cfg)
+    if fam == "base":
         return "base BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH}".format(**cfg)
-    return ("split BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH} s{SPLIT_K}".format(**cfg)
-            + (" +sum" if cfg.get("FUSE_SUM") else ""))
+    return (("st" if fam == "stationary" else "split") + " BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH} "
+            "s{SPLIT_K}".format(**cfg) + (" +sum" if cfg.get("FUSE_SUM") else ""))
+
+
+def sweep_candidates() -> tuple[list[dict], list[dict]]:
+    """mlp1 and mlp2 configs to sweep, the families interleaved (best guesses first) so that both get measured
+    before the time budget runs out."""
+    fams = {"split": (SPLIT1, SPLIT2, {}), "stationary": (ST1, ST2, {"STATIONARY": True})}
+    if FAMILY != "all":
+        fams = {FAMILY: fams[FAMILY]}
+    out = []
+    for layer in (0, 1):
+        lists = [[dict(zip(SPLIT_KEYS, t), **f[2]) for t in f[layer]] for f in fams.values()]
+        out.append([c for i in range(max(map(len, lists))) for lst in lists if i < len(lst) for c in [lst[i]]])
+    return out[0], out[1]
 
 
 def sweep_t1():
@@ -515,7 +541,7 @@ def sweep_t1():
     h = torch.empty(K_SLOTS, I, dtype=torch.bfloat16, device=DEV)
     y = torch.empty(K_SLOTS, D, dtype=torch.float32, device=DEV)
     out = torch.empty(1, D, dtype=torch.bfloat16, device=DEV)
-    moe.launch_mlp1_gemv(x, idx, w, h, default["mlp1"], ALPHA, LIMIT)  # a valid h for the mlp2 timings
+    moe.launch_mlp1_gemv_any(x, idx, w, h, default["mlp1"], ALPHA, LIMIT)  # a valid h for the mlp2 timings
     rows = {"mlp1": [], "mlp2": []}
     best = {}
 
@@ -533,26 +559,23 @@ def sweep_t1():
         if ok and us and us < best.get(layer_name, (1e9,))[0]:
             best[layer_name] = (us, cfg)
 
-    def base2():  # the default mlp2 and its k-sum kernel, against the fused variants
-        moe.launch_mlp2_gemv(h, idx, ew, w, y, default["mlp2"])
-        moe.launch_sum_slots(y, out, K_SLOTS)
-
-    def split2(cfg):
-        fused = cfg.get("FUSE_SUM", False)
-        moe.launch_mlp2_gemv_split(h, idx, ew, w, None if fused else y, out, cfg)
-        if not fused:
+    def mlp2(cfg):  # mlp2 and the k-sum kernel, unless the kernels fuse the sum (+sum rows)
+        fused = moe.gemv_family(cfg) != "base" and cfg.get("FUSE_SUM", False)
+        if not moe.launch_mlp2_gemv_any(h, idx, ew, w, None if fused else y, out, cfg):
             moe.launch_sum_slots(y, out, K_SLOTS)
 
-    row("mlp1", default["mlp1"], lambda: moe.launch_mlp1_gemv(x, idx, w, h, default["mlp1"], ALPHA, LIMIT), b1)
-    row("mlp2", default["mlp2"], base2, b2)
-    for i in range(max(len(SPLIT1), len(SPLIT2))):
-        if i < len(SPLIT1):
-            c1 = dict(zip(SPLIT_KEYS, SPLIT1[i]))
-            row("mlp1", c1, lambda: moe.launch_mlp1_gemv_split(x, idx, w, h, c1, ALPHA, LIMIT), b1)
-        if i < len(SPLIT2):
-            c2 = dict(zip(SPLIT_KEYS, SPLIT2[i]))
-            row("mlp2", c2, lambda: split2(c2), b2)
-    table = [f"{'layer':5} {'variant':34} {'T=1 E=32 us':>11} {'TB/s':>6}  check vs moe_mxfp4_ref (T=1,4 x E=32,128)"]
+    row("mlp1", default["mlp1"], lambda: moe.launch_mlp1_gemv_any(x, idx, w, h, default["mlp1"], ALPHA, LIMIT), b1)
+    row("mlp2", default["mlp2"], lambda: mlp2(default["mlp2"]), b2)
+    cand1, cand2 = sweep_candidates()
+    for i in range(max(len(cand1), len(cand2))):
+        if i < len(cand1):
+            c1 = cand1[i]
+            row("mlp1", c1, lambda: moe.launch_mlp1_gemv_any(x, idx, w, h, c1, ALPHA, LIMIT), b1)
+        if i < len(cand2):
+            c2 = cand2[i]
+            row("mlp2", c2, lambda: mlp2(c2), b2)
+    table = [f"{'layer':5} {'variant':34} {'T=1 E=32 us':>11} {'TB/s':>6}  check vs moe_mxfp4_ref (T=1,4 x E=32,128)"
+             + f"  [families: {FAMILY}]"]
     table += rows["mlp1"] + ["(mlp2 rows: mlp2 + the k-sum kernel, or mlp2 alone where it fuses the sum: +sum)"]
     table += rows["mlp2"]
 
@@ -589,11 +612,11 @@ def sweep_t1():
         same = bool(torch.equal(o, moe.moe_mxfp4(x2, ew2, idx2, w, ALPHA, LIMIT, path="gemv", config=win)))
         table.append(f"graph replay of the best pair (T=1) == eager: {same}")
     if win == default:
-        table.append("fastest correct: the default (GEMV_BASE); no change to CONFIGS")
+        table.append("fastest correct: the default (CONFIGS[\"gemv\"]); no change")
     else:
         table.append(f"fastest correct: mlp1 {_cfg_name(win['mlp1'])}, mlp2 {_cfg_name(win['mlp2'])}"
                      + (f" (slower than the default at {', '.join(slower)})" if slower else ""))
-    table.append("to select it, replace the line '\"gemv\": GEMV_BASE,' of CONFIGS in backends/triton_engine/moe.py with:")
+    table.append("to select it, replace the line '\"gemv\": ...' of CONFIGS in backends/triton_engine/moe.py with:")
     table.append(f'    "gemv": dict(mlp1=dict({", ".join(f"{k}={v}" for k, v in win["mlp1"].items())}), '
                  f'mlp2=dict({", ".join(f"{k}={v}" for k, v in win["mlp2"].items())})),')
     table.append(f"total {time.time() - START:.0f} s since imports (torch {torch.__version__}, triton {triton.__version__})")
