@@ -96,6 +96,8 @@ def run_ranks(fn, world: int, out: Path, *args, timeout: float = 150.0, group_ti
     out.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
+    sys.stdout.flush()  # a child must not inherit half-written buffers
+    sys.stderr.flush()
     procs = [ctx.Process(target=_child, args=(fn, r, world, port, out, group_timeout, args)) for r in range(world)]
     for p in procs:
         p.start()
@@ -387,10 +389,9 @@ def test_a_failing_rank_takes_the_group_down(checkpoints, tmp_path, fail):
 
 # ---- torchrun, end to end ------------------------------------------------------------------------
 
-def test_torchrun_generate_prints_once_and_matches_one_process(checkpoints, tmp_path):
+def test_torchrun_generate_prints_once_and_matches_one_process(tmp_path):
     from mxmoe.core.tokenizer import load_tokenizer
 
-    path = checkpoints["even"]
     d = tmp_path / "full-vocab"  # the CLI's tokenizer needs the real vocabulary
     write_random_checkpoint(d, preset("tiny", **{**SHAPES["even"][0], "vocab_size": 201088}), "hf", seed=5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MXMOE_DIST_TIMEOUT": str(TIMEOUT_S)}
@@ -406,4 +407,3 @@ def test_torchrun_generate_prints_once_and_matches_one_process(checkpoints, tmp_
     for line, text in zip(lines, ["Hello", "a longer second prompt"]):
         assert line["finish_reason"] == "length"
         assert line["token_ids"] == list(alone.generate(tok.encode(text), max_tokens=6))
-    assert path.exists()
