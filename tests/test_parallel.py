@@ -328,6 +328,31 @@ def test_only_engines_claiming_sharded_serve_a_sharded_model():
     assert reasons and all("does not claim it can run sharded" in r for r in reasons), res.explain()
 
 
+def test_an_engine_may_bring_its_own_collectives():
+    """The first engine (in op order) whose communicator() answers supplies the collectives; a communicator of
+    another rank or world size is refused."""
+    import types
+
+    from mxmoe.core.launch import Launch
+    from mxmoe.core.parallel import SingleProcess
+
+    class Vendor(SingleProcess):
+        rank, world_size = 1, 2
+
+    class VendorEngine(TorchBackend):
+        name = "vendor"
+
+        def communicator(self, rank, world_size, device):
+            return Vendor() if (rank, world_size) == (1, 2) else SingleProcess()
+
+    ops = {op: TorchBackend() for op in OPS}
+    ops["experts"] = VendorEngine()
+    me = types.SimpleNamespace(rank=1, world_size=2, timeout_s=1.0)
+    assert isinstance(Launch._communicator(me, ops, torch.device("cpu")), Vendor)
+    with pytest.raises(ShardingError, match="communicator"):
+        Launch._communicator(types.SimpleNamespace(rank=0, world_size=2, timeout_s=1.0), ops, torch.device("cpu"))
+
+
 # ---- launch: rank 0 drives, the others follow; failures ---------------------------------------------
 
 def _driver(rank, world, out, path, fail: str):
