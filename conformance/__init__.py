@@ -12,7 +12,7 @@ run on a GPU; ``shapes="small"`` leaves them out elsewhere (NOT_RUN: no certific
 ``mxmoe conformance --backend NAME``.
 """
 
-SUITE_VERSION = "1.1.0"  # 1.1: cases inside the claims and refusals outside, real shapes, NOT_RUN
+SUITE_VERSION = "1.2.0"  # 1.1: cases inside the claims and refusals outside, real shapes, NOT_RUN; 1.2: add_rms_norm
 
 from .case import Case, Status  # noqa: E402
 from .runner import DEFAULT_LEVELS, LEVELS, load_waivers, run_suite  # noqa: E402

@@ -130,6 +130,9 @@ def cases(engine: Backend, dtypes, profile: Profile, check_registration: bool) -
         if "rms_norm" in caps.ops:
             calls.append(("rms_norm", lambda: ctx.engine.rms_norm(torch.empty(2, 64, dtype=dt, device=meta),
                                                                   torch.empty(64, device=meta), 1e-5)))
+            calls.append(("add_rms_norm", lambda: ctx.engine.add_rms_norm(
+                torch.empty(2, 64, dtype=dt, device=meta), torch.empty(2, 64, dtype=dt, device=meta),
+                torch.empty(64, device=meta), 1e-5)))
         if "linear" in caps.ops or "router" in caps.ops:
             calls.append(("prepare_linear", lambda: ctx.engine.prepare_linear(
                 torch.zeros(8, 64, dtype=torch.bfloat16), None, dt, meta)))

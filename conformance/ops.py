@@ -14,7 +14,7 @@ import torch
 from hypothesis import strategies as st
 
 from mxmoe.core import mxfp4
-from mxmoe.core.backend import Experts
+from mxmoe.core.backend import FUSED_OPS, Experts
 from mxmoe.core.batch import Batch
 from mxmoe.core.config import preset
 from mxmoe.core.rope import yarn_inv_freq
@@ -67,6 +67,42 @@ def run_rms_norm(ctx: Ctx, p: dict) -> Outcome:
     ctx.check_tensor("rms_norm", out, (T, D))
     ref = ctx.oracle.rms_norm(x, scale, 1e-5)
     return _outcome("rms_norm", out, ref, tol.rms_norm_bound(ref, ctx.dtype))
+
+
+# ---- add_rms_norm (a fused part of op "rms_norm", API 1.2) -----------------------------------------
+
+_DELTA_SCALES = {"small": 2.0 ** -10, "same": 1.0, "large": 2.0 ** 10}  # |delta| relative to the row of x
+
+
+def run_add_rms_norm(ctx: Ctx, p: dict) -> Outcome:
+    """The residual add + RMSNorm against the composition of reference ops: ``s`` must be exactly x + delta
+    rounded once to the dtype (one correctly rounded add: an engine that adds in float32 and rounds once
+    gets it bit for bit), ``h`` the RMSNorm of that rounded ``s`` within rms_norm's bound. ``delta``:
+    "small"/"same"/"large" magnitudes relative to x's row (large: x is mostly rounded away in s, so a norm
+    of x instead of s is far off), or "cancel" (delta ≈ -x: s is the small difference, exact in the dtype)."""
+    g = generator(p["seed"])
+    T, D = p["T"], p["D"]
+    top = 1e3 if ctx.dtype == torch.float16 else 1e6  # keeps x + delta finite in float16
+    rows = 10.0 ** (torch.rand(T, 1, generator=g, dtype=F64) * 6 - 3)  # rows of x from 1e-3 to 1e3
+    x = rounded(randn(g, T, D) * rows, ctx.dtype)
+    if p["delta"] == "cancel":
+        delta = rounded(-x * (1 + randn(g, T, D, scale=2.0 ** -6)), ctx.dtype)
+    else:
+        delta = rounded(randn(g, T, D) * (rows * _DELTA_SCALES[p["delta"]]).clamp(max=top), ctx.dtype)
+    scale = randn(g, D, scale=0.5).add(1.0).to(ctx.small_dtype).to(F64)
+    res = ctx.call("add_rms_norm", ctx.engine.add_rms_norm, ctx.to_engine(x), ctx.to_engine(delta),
+                   ctx.to_engine(scale, ctx.small_dtype), 1e-5)
+    if not (isinstance(res, tuple) and len(res) == 2):
+        raise CaseFailure(Outcome("add_rms_norm", 0, 0, math.inf, message="must return an (s, h) pair"), p)
+    so = ctx.check_tensor("add_rms_norm", res[0], (T, D), what="s (the sum)")
+    ho = ctx.check_tensor("add_rms_norm", res[1], (T, D), what="h (the norm)")
+    s_ref = rounded(x + delta, ctx.dtype)  # exact in float64, then one rounding
+    h_ref = ctx.oracle.rms_norm(s_ref, scale, 1e-5)
+    o_s = _outcome("add_rms_norm", so, s_ref, torch.zeros(()), "s")
+    if not o_s.passed:
+        o_s.message = (f"s = x + delta is not the sum rounded once to {ctx.dtype}: {o_s.where} is off by "
+                       f"{o_s.observed:.6g} (bit-exact required)")
+    return _worst(o_s, _outcome("add_rms_norm", ho, h_ref, tol.rms_norm_bound(h_ref, ctx.dtype), "h"))
 
 
 # ---- rope ----------------------------------------------------------------------------------------
@@ -533,7 +569,9 @@ def cases(dtype: str, lim: Limits | tuple[int, ...], profile: Profile) -> list[C
 
     def add(op, name, run, strategy, examples=(), requires=(), description="", exact=False, real_shape=False,
             max_examples=None):
-        out.append(Case("L1", op, name, run, strategy, tuple(examples), (f"op:{op}",) + dt_req + tuple(requires),
+        # A fused op (add_rms_norm) is claimed with the op it belongs to.
+        out.append(Case("L1", op, name, run, strategy, tuple(examples),
+                        (f"op:{FUSED_OPS.get(op, op)}",) + dt_req + tuple(requires),
                         dtype, description, exact, max_examples, real_shape))
 
     add("embedding", "gather", run_embedding,
@@ -543,6 +581,14 @@ def cases(dtype: str, lim: Limits | tuple[int, ...], profile: Profile) -> list[C
         lambda pr: _d(T=st.integers(1, 32), D=st.sampled_from([32, 64, 2880])),
         [dict(T=4, D=2880, seed=0), dict(T=64, D=2880, seed=1)],
         description="rows from 1e-3 to 1e3 in magnitude; float32 inside, rounded once: within half an ulp")
+    add("add_rms_norm", "random", run_add_rms_norm,
+        lambda pr: _d(T=st.integers(1, 64), D=st.sampled_from([32, 64, 2880]),
+                      delta=st.sampled_from(["small", "same", "large", "cancel"])),
+        [dict(T=1, D=2880, delta="large", seed=0), dict(T=64, D=2880, delta="same", seed=1),
+         dict(T=5, D=64, delta="cancel", seed=2), dict(T=3, D=32, delta="small", seed=3)],
+        description="residual add + RMSNorm (fused; the default composes them): s = x + delta bit-exact (one "
+                    "rounding), h = rms_norm(s) within half an ulp; deltas from 2^-10 to 2^10 of x's rows and "
+                    "cancelling ones; decode (T = 1) and T = 64 at D = 2880")
 
     # RoPE positions stay below the claimed context (an engine may tabulate cos/sin up to it).
     pos = lim.contexts(64, 4096, lim.max_context)

@@ -30,6 +30,9 @@ multiplied by ``SAFETY``):
   squares (γ̃_D, halved by the square root), rsqrt, the products. An engine that keeps the mean of squares
   or the normalised value in bf16 lands up to ¾ ulp away and fails (the simulated engines of levels 2 and
   3 still round twice, ``rms_norm_noise``: slack there, the promise is enforced at level 1).
+* add_rms_norm (fused, API 1.2): ``s = x + delta`` bit-exact, bound 0 — one correctly rounded add of two
+  values of ``dt`` (an engine that adds in float32 and rounds to bf16/fp16 once gets the same bits:
+  float32's 24 bits ≥ 2p + 2 make the double rounding harmless); ``h`` as rms_norm of the rounded ``s``.
 * rope: per rotated pair ``(x1, x2)`` with angle θ: ``(4 u_dt + (2|θ| + 4) u_acc) c (|x1| + |x2|)``:
   cos/sin rounded to ``dt``, two products and a sum in ``dt``; the angle ``p·f`` computed in float32
   is off by ``u|θ|`` (twice that, for a conversion on the way) and cos/sin are 1-Lipschitz.

@@ -24,10 +24,17 @@ from .weights import ExpertLinear
 # (``Backend.api_version``, e.g. ">=1.0,<2"); a major bump means an incompatible change.
 # 1.1: the base class enforces the claims (Backend.check_claims), the public prepared-experts type
 # ``Experts``, RMSNorm rounded once.
-BACKEND_API_VERSION = "1.1.0"
+# 1.2: optional fused ops, each part of an existing op and composed from it by default (engines written for
+# 1.0/1.1 run unchanged, with the same results): ``add_rms_norm`` (the residual add + the next RMSNorm,
+# op "rms_norm"); the ``sharded`` claim and the optional ``Backend.communicator`` (an engine's own collectives)
+# for tensor/expert parallelism (core/parallel.py).
+BACKEND_API_VERSION = "1.2.0"
 
-# The ops an engine may serve; per-op overrides name these.
+# The ops an engine may serve; per-op overrides name these. A fused op belongs to one of them (it is served
+# by that op's backend and claimed with it).
 OPS: tuple[str, ...] = ("embedding", "rms_norm", "linear", "rope", "attention", "router", "experts")
+# Fused ops (API 1.2) → the op each belongs to.
+FUSED_OPS: dict[str, str] = {"add_rms_norm": "rms_norm"}
 
 
 class NotSupported(Exception):
@@ -112,7 +119,9 @@ class Backend:
     """Base class of every engine. Subclasses set the class attributes and override the ops they claim.
 
     An op a backend does not override raises :class:`NotSupported` — the interface's way of saying
-    "not offered", so the selection layer can route that op elsewhere.
+    "not offered", so the selection layer can route that op elsewhere. Fused ops (API 1.2:
+    :meth:`add_rms_norm`) are the exception: optional, each part of one op, composed here from the fine
+    ops by default; an engine overrides one to run it as a single kernel.
 
     Claims are enforced here: every op and ``prepare_*`` method a subclass defines first checks its
     arguments against ``capabilities`` (:meth:`check_claims`: op, device, dtype, head dim, window, sinks,
@@ -207,6 +216,17 @@ class Backend:
         squares too, and the product with the float32 ``scale``) and rounded once, at the end, to x's dtype."""
         raise NotSupported(self.name, "op 'rms_norm'")
 
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual add and the next RMSNorm, fused (op "rms_norm"; API 1.2): x, delta (T, D) of one dtype
+        → (s, h), both (T, D) in x's dtype: ``s = x + delta`` rounded once to x's dtype (exactly what
+        ``x + delta`` gives in PyTorch), ``h = rms_norm(s, scale, eps)`` of that rounded ``s``.
+
+        Optional: this default composes the two (``x + delta``, then :meth:`rms_norm`), so an engine that
+        overrides only ``rms_norm`` gets the same bits as before the op existed."""
+        s = x + delta
+        return s, self.rms_norm(s, scale, eps)
+
     def linear(self, x: torch.Tensor, layer: Any) -> torch.Tensor:
         """(T, K) → (T, N) with a layer from ``prepare_linear``."""
         raise NotSupported(self.name, "op 'linear'")
@@ -274,6 +294,7 @@ _GUARDS: dict[str, Callable[..., None]] = {
         "experts", device=device, dtype=dtype, num_experts=mlp1.num_experts, expert_format=_format(mlp1, mlp2)),
     "embedding": lambda self, token_ids, weight, *a, **kw: self.check_claims("embedding", weight),
     "rms_norm": lambda self, x, *a, **kw: self.check_claims("rms_norm", x),
+    "add_rms_norm": lambda self, x, *a, **kw: self.check_claims("rms_norm", x),  # a part of op "rms_norm"
     "linear": lambda self, x, *a, **kw: self.check_claims("linear", x),
     "rope": lambda self, q, *a, **kw: self.check_claims("rope", q, head_dim=q.shape[-1]),
     "attention": lambda self, q, k, v, sinks, k_cache, v_cache, batch, sliding_window, *a, **kw: self.check_claims(
@@ -309,6 +330,11 @@ def _enforcing(fn: Callable[..., Any], guard: Callable[..., None]) -> Callable[.
 
     op.__claims__ = True  # type: ignore[attr-defined]
     return op
+
+
+# The base class's default fused ops compose claimed ops; checked first too, so that an engine that does not
+# claim "rms_norm" refuses add_rms_norm before computing anything (on an unclaimed device, say).
+Backend.add_rms_norm = _enforcing(Backend.add_rms_norm, _GUARDS["add_rms_norm"])  # type: ignore[method-assign]
 
 
 _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",

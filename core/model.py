@@ -4,6 +4,10 @@
                                    RMSNorm ─▶ router top-k ─▶ experts (SwiGLU) ─▶ +residual ]
               ─▶ RMSNorm ─▶ unembedding ─▶ logits
 
+Each ``+residual`` runs fused with the RMSNorm after it (``add_rms_norm``: a block's output is the ``delta``
+added to the residual stream by the next block's norm, or by the final one); only the first layer's
+attention norm is a plain ``rms_norm``. The final add + norm runs on the logits rows only.
+
 Every tensor op goes through the backend that serves it (``ops[name]``); the graph never branches on
 device. One call runs T tokens of S sequences (core/batch.py): prefill and decode are the same path.
 Sharded over ranks (core/parallel.py), the graph is the same: it runs this rank's heads and expert slices
@@ -99,10 +103,15 @@ class GptOss:
         T = token_ids.shape[0]
         Hq, Hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim  # this rank's heads
         Q, KV = Hq * d, Hkv * d
-        x = ops["embedding"].embedding(token_ids, self.embedding)  # (T, D)
+        norm, eps = ops["rms_norm"], cfg.rms_norm_eps
+        x = ops["embedding"].embedding(token_ids, self.embedding)  # (T, D): the residual stream
+        delta = None  # (T, D): the last block's output, not yet added to x (the next norm adds it)
         for i, layer in enumerate(self.layers):
             # Attention block.
-            h = ops["rms_norm"].rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+            if delta is None:
+                h = norm.rms_norm(x, layer.attn_norm, eps)
+            else:
+                x, h = norm.add_rms_norm(x, delta, layer.attn_norm, eps)
             qkv = ops["linear"].linear(h, layer.qkv)  # (T, Q + 2 KV)
             q = qkv[:, :Q].reshape(T, Hq, d)
             k = qkv[:, Q:Q + KV].reshape(T, Hkv, d)
@@ -111,20 +120,23 @@ class GptOss:
             k_cache, v_cache = cache.layer(i)
             o = ops["attention"].attention(q, k, v, layer.sinks, k_cache, v_cache, batch,
                                            layer.sliding_window, self.sm_scale)  # (T, Hq, d)
-            x = x + self.comm.all_reduce(ops["linear"].linear(o.reshape(T, Q), layer.out))  # sum over ranks' heads
+            delta = self.comm.all_reduce(ops["linear"].linear(o.reshape(T, Q), layer.out))  # sum over ranks' heads
             # MoE block.
-            h = ops["rms_norm"].rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+            x, h = norm.add_rms_norm(x, delta, layer.mlp_norm, eps)
             weights, indices = ops["router"].router(h, layer.gate, cfg.experts_per_token)  # (T, k) each
             if self.expert_parallel is None:  # all experts here, or a slice of each: sum over ranks' slices
-                y = self.comm.all_reduce(ops["experts"].experts(h, weights, indices, layer.experts, cfg.swiglu_alpha,
-                                                                cfg.swiglu_limit))
+                delta = self.comm.all_reduce(ops["experts"].experts(h, weights, indices, layer.experts,
+                                                                    cfg.swiglu_alpha, cfg.swiglu_limit))
             else:  # whole experts on each rank: tokens go to their experts and back (all-to-all)
-                y = self.expert_parallel(ops["experts"], h, weights, indices, layer.experts, cfg.swiglu_alpha,
-                                         cfg.swiglu_limit)
-            x = x + y
+                delta = self.expert_parallel(ops["experts"], h, weights, indices, layer.experts, cfg.swiglu_alpha,
+                                             cfg.swiglu_limit)
         if logits_rows is None:
             logits_rows = batch.cu_seqlens[1:] - 1
-        x = ops["rms_norm"].rms_norm(x[logits_rows], self.norm, cfg.rms_norm_eps)
+        # The last residual add and the final norm, on the selected rows only (row-wise: the same bits).
+        if delta is None:
+            x = norm.rms_norm(x[logits_rows], self.norm, eps)
+        else:
+            _, x = norm.add_rms_norm(x[logits_rows], delta[logits_rows], self.norm, eps)
         # Each rank holds rows of the unembedding (padded to equal parts): gather, then drop the padding.
         return self.comm.all_gather(ops["linear"].linear(x, self.unembedding))[:, :cfg.vocab_size]  # (R, V)
 

@@ -580,6 +580,43 @@ class AttentionDenominatorBf16(_Bad):
         return torch.einsum("hnl,lhd->nhd", p / denom.to(q.dtype), v)
 
 
+# ---- fused ops (API 1.2) ------------------------------------------------------------------------------------
+
+class AddRmsNormOfX(_Bad):
+    """The fused residual add + RMSNorm normalises x, not x + delta (the norm's input not updated)."""
+
+    name = "bad-add-rms-norm-of-x"
+    BROKEN_OP = "add_rms_norm"
+    DTYPES = ("float32", "bfloat16")
+
+    def add_rms_norm(self, x, delta, scale, eps):
+        return x + delta, self.rms_norm(x, scale, eps)
+
+
+class AddRmsNormSumFloat32(_Bad):
+    """Keeps the residual stream in float32: s is returned unrounded (a float32 tensor)."""
+
+    name = "bad-add-rms-norm-sum-float32"
+    BROKEN_OP = "add_rms_norm"
+    DTYPES = ("bfloat16",)
+
+    def add_rms_norm(self, x, delta, scale, eps):
+        s = x.float() + delta.float()
+        return s, self.rms_norm(s, scale, eps).to(x.dtype)
+
+
+class AddRmsNormOfUnroundedSum(_Bad):
+    """Returns s rounded to x's dtype, but normalises the float32 sum it had before rounding."""
+
+    name = "bad-add-rms-norm-unrounded-sum"
+    BROKEN_OP = "add_rms_norm"
+    DTYPES = ("bfloat16",)
+
+    def add_rms_norm(self, x, delta, scale, eps):
+        s = x.float() + delta.float()
+        return s.to(x.dtype), self.rms_norm(s, scale, eps).to(x.dtype)
+
+
 BAD_ENGINES = [SinksIgnored, WindowOffByOne, WindowIgnored, SlotMappingIgnored, RopeInterleaved, RopeNoConcentration,
                RouterSoftmaxThenTopk, RouterTiesHigh, SwigluNoClamp, SwigluNoPlusOne, SwigluHalves, Mxfp4NibbleSwap,
                Mxfp4ScaleBias, AccumulateBf16, WrongOutputDtype, UnclaimedReturnsNumbers, GqaModulo,
@@ -591,7 +628,9 @@ BAD_ENGINES = [SinksIgnored, WindowOffByOne, WindowIgnored, SlotMappingIgnored, 
                RmsNormBf16SumSquares, SwigluGateClampBothSides, ExpertsAccumulateBf16, RopeAngleBf16,
                AttentionDenominatorBf16,
                # claims
-               UnclaimedContextReturnsNumbers]
+               UnclaimedContextReturnsNumbers,
+               # fused ops (API 1.2)
+               AddRmsNormOfX, AddRmsNormSumFloat32, AddRmsNormOfUnroundedSum]
 
 
 # ---- claims that only a GPU can check (tests/test_conformance_meta.py, on CUDA) -------------------------------

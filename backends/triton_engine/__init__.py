@@ -2,12 +2,15 @@
 
 Which file holds what:
 
-* ``ops.py`` — embedding gather, RMSNorm, YaRN RoPE, router top-k + softmax (each beside its reference);
+* ``ops.py`` — embedding gather, RMSNorm and the fused residual add + RMSNorm (``add_rms_norm``, Backend API
+  1.2), YaRN RoPE, the router (logits + top-k + softmax in one kernel up to ``ROUTER_FUSED_MAX_TOKENS``
+  tokens; above, cuBLAS logits + a top-k kernel), each beside its reference;
 * ``moe.py`` — the MXFP4 expert MLP (W4A16, SwiGLU fused), weights re-laid out once at load;
 * ``attention.py`` — attention with sinks, sliding window and GQA over the caller's KV cache.
 
-Dense layers (QKV, output, router logits, unembedding) are ``torch.nn.functional.linear``: cuBLAS
-reaches ~98% of the copy bandwidth at batch 1 on the H200 (FACTS.md), the bar for these GEMVs.
+Dense layers (QKV, output, unembedding, and the router logits of large batches) are
+``torch.nn.functional.linear``: cuBLAS reaches ~98% of the copy bandwidth at batch 1 on the H200
+(FACTS.md), the bar for these GEMVs.
 
 This module imports without triton (the kernel modules are imported on first use), so registration
 never breaks where triton is missing: ``probe`` says why the engine is unavailable instead.
@@ -155,6 +158,10 @@ class TritonBackend(Backend):
         self.check(op="rms_norm", device=x.device, dtype=x.dtype)
         return _ops().rms_norm(x, scale, eps)
 
+    def add_rms_norm(self, x, delta, scale, eps):
+        self.check(op="rms_norm", device=x.device, dtype=x.dtype)
+        return _ops().add_rms_norm(x, delta, scale, eps)
+
     def linear(self, x, layer: Linear):
         self.check(op="linear", device=x.device, dtype=x.dtype)
         return torch.nn.functional.linear(x, layer.weight, layer.bias)
@@ -171,8 +178,11 @@ class TritonBackend(Backend):
 
     def router(self, x, gate: Linear, top_k):
         self.check(op="router", device=x.device, dtype=x.dtype)
+        ops = _ops()
+        if x.shape[0] <= ops.ROUTER_FUSED_MAX_TOKENS:  # decode: one launch, the logits never leave the chip
+            return ops.router(x, gate.weight, gate.bias, top_k)
         logits = torch.nn.functional.linear(x, gate.weight, gate.bias)  # (T, E), cuBLAS
-        return _ops().topk_softmax(logits, top_k)
+        return ops.topk_softmax(logits, top_k)
 
     def experts(self, x, expert_weights, expert_indices, experts, swiglu_alpha, swiglu_limit):
         self.check(op="experts", device=x.device, dtype=x.dtype)

@@ -1,4 +1,5 @@
-"""The triton engine's small ops: embedding gather, RMSNorm, YaRN RoPE, router top-k + softmax.
+"""The triton engine's small ops: embedding gather, RMSNorm, residual add + RMSNorm (fused), YaRN RoPE, router
+top-k + softmax, and the whole router (logits + top-k + softmax) in one kernel for few tokens.
 
 Each Triton kernel's wrapper sits beside its plain-PyTorch reference with the same signature
 (``rms_norm`` / ``rms_norm_ref``, ...); tests call both on the same inputs. Wrappers check, allocate,
@@ -127,6 +128,102 @@ def rms_norm_ref(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Te
     t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + eps)
     y = (t * scale.to(t.dtype)).to(x.dtype)
     return y if out is None else out.copy_(y)
+
+
+# ---- residual add + RMSNorm (fused; Backend API 1.2) ---------------------------------------------
+
+# x, delta (T, D), scale (D,) → s = x + delta, h = rms_norm(s) (T, D each): one program per row. The add is
+# in float32 and rounded once to s's dtype: for two bf16 (or fp16) values that is the correctly rounded sum,
+# the bits of PyTorch's ``x + delta`` (float32 has 24 ≥ 2·8 + 2 bits, so rounding twice is harmless). The
+# norm reads the rounded s, as the composition does.
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
+                         stride_x_t, stride_delta_t, stride_s_t, stride_h_t,
+                         BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    pid_t = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + pid_t * stride_x_t
+    delta_row = delta_ptr + pid_t * stride_delta_t
+    s_row = s_ptr + pid_t * stride_s_t
+    h_row = h_ptr + pid_t * stride_h_t
+    if ONE_PASS:  # the whole row in registers (gpt-oss: D = 2880 ≤ BLOCK_D = 4096): read once, write twice
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+             + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+        if ROUND_BF16:
+            s = _rtne_bf16(s)
+        else:
+            s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(s_row + offs_d, s.to(s_ptr.dtype.element_ty), mask=mask_d)
+        rstd = tl.rsqrt(tl.sum(s * s, axis=0) / D + eps)
+        scale = tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        h = (s * rstd) * scale  # the reference's order: normalise, then scale
+        if ROUND_BF16:
+            h = _rtne_bf16(h)
+        tl.store(h_row + offs_d, h.to(h_ptr.dtype.element_ty), mask=mask_d)
+    else:
+        sum_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for start in range(0, D, BLOCK_D):
+            offs_d = start + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                 + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+            if ROUND_BF16:
+                s = _rtne_bf16(s)
+            else:
+                s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(s_row + offs_d, s.to(s_ptr.dtype.element_ty), mask=mask_d)
+            sum_sq += s * s
+        rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / D + eps)
+        # Second pass: s recomputed from x and delta (the same bits), not read back from s_ptr, which other
+        # threads of this program wrote without a barrier.
+        for start in range(0, D, BLOCK_D):
+            offs_d = start + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                 + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+            if ROUND_BF16:
+                s = _rtne_bf16(s)
+            else:
+                s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+            scale = tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            h = (s * rstd) * scale
+            if ROUND_BF16:
+                h = _rtne_bf16(h)
+            tl.store(h_row + offs_d, h.to(h_ptr.dtype.element_ty), mask=mask_d)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
+                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, delta (T, D) of one dtype, scale (D,) → (s, h) in x's dtype: ``s = x + delta`` rounded once,
+    ``h = s / sqrt(mean(s²) + eps) * scale`` in float32, rounded once. ``out`` must not alias x or delta.
+    ``block_d``: columns per step (default: the whole row up to 4096; tests force the two-pass path)."""
+    if (x.ndim != 2 or delta.shape != x.shape or delta.dtype != x.dtype or scale.shape != (x.shape[1],)
+            or x.stride(1) != 1 or delta.stride(1) != 1 or scale.stride(0) != 1):
+        raise ValueError(f"add_rms_norm: expected x and delta (T, D) of one dtype with unit column stride and "
+                         f"scale (D,), got {tuple(x.shape)} {x.dtype} strides {x.stride()}, {tuple(delta.shape)} "
+                         f"{delta.dtype} strides {delta.stride()} and {tuple(scale.shape)}")
+    T, D = x.shape
+    s = _out(None if out is None else out[0], (T, D), x.dtype, x.device, "add_rms_norm s")
+    h = _out(None if out is None else out[1], (T, D), x.dtype, x.device, "add_rms_norm h")
+    if T == 0:
+        return s, h
+    BLOCK_D = block_d or min(triton.next_power_of_2(D), 4096)
+    _add_rms_norm_kernel[(T,)](x, delta, scale, s, h, D, float(eps), x.stride(0), delta.stride(0), s.stride(0),
+                               h.stride(0), BLOCK_D=BLOCK_D, ONE_PASS=D <= BLOCK_D,
+                               ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_D >= 2048 else 4)
+    return s, h
+
+
+def add_rms_norm_ref(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps: float,
+                     out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     block_d: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x + delta
+    h = rms_norm_ref(s, scale, eps)
+    if out is None:
+        return s, h
+    return out[0].copy_(s), out[1].copy_(h)
 
 
 # ---- RoPE (YaRN) ---------------------------------------------------------------------------------
@@ -299,3 +396,114 @@ def topk_softmax_ref(logits: torch.Tensor, top_k: int,
     if out is None:
         return weights, indices
     return out[0].copy_(weights), out[1].copy_(indices)
+
+
+# ---- router in one kernel: logits + top-k + softmax (small T) ---------------------------------------------
+
+ROUTER_FUSED_MAX_TOKENS = 64  # TritonBackend.router uses ``router`` up to this many tokens, cuBLAS + top-k above
+
+_NO_EXPERT = tl.constexpr(1 << 30)  # an index above every expert's: "no choice" in the min-reductions below
+
+
+# x (T, D), gate weight (E, D) + bias (E,) → weights (T, K) in x's dtype, indices (T, K) int64: one program per
+# token. Logits of BLOCK_E experts at a time, accumulated in float32 over BLOCK_D columns a step, rounded to x's
+# dtype as the reference's linear rounds them (ties in that dtype then go to the lower index, as there), and
+# merged into a running top-K kept sorted. Every expert in the running top-K has a lower index than every
+# expert of the chunk being merged, so "ties to the lower index" is the smaller index across both.
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, b_ptr, weights_ptr, indices_ptr, E, D,
+                   stride_x_t, stride_w_e, stride_weights_t, stride_indices_t,
+                   K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ROUND_BF16: tl.constexpr):
+    pid_t = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + pid_t * stride_x_t
+    offs_k = tl.arange(0, BLOCK_K)
+    top_val = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)  # the running top-K logits, descending
+    top_key = tl.full([BLOCK_K], float("-inf"), dtype=tl.float32)  # the same, NaN as +inf (see below)
+    top_idx = tl.full([BLOCK_K], _NO_EXPERT, dtype=tl.int32)
+    top_ok = offs_k < 0  # slots holding an expert: none yet
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            x = tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w_ptrs = w_ptr + offs_e[:, None].to(tl.int64) * stride_w_e + offs_d[None, :]
+            w = tl.load(w_ptrs, mask=mask_e[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        if ROUND_BF16:
+            logits = _rtne_bf16(acc)
+        else:
+            logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
+        # torch.sort (the reference) orders NaN above everything: a NaN logit stays chosen (as +inf here), and
+        # every index stays in range, so the expert kernels never see one outside [0, E).
+        key = tl.where(logits != logits, float("inf"), logits)
+        free_c = mask_e  # chunk entries not chosen yet
+        free_t = top_ok  # running entries not chosen yet
+        new_val = top_val
+        new_idx = top_idx
+        new_ok = top_ok
+        for i in tl.static_range(K):
+            best = tl.maximum(tl.max(tl.where(free_c, key, float("-inf")), axis=0),
+                              tl.max(tl.where(free_t, top_key, float("-inf")), axis=0))
+            choice = tl.minimum(tl.min(tl.where(free_t & (top_key == best), top_idx, _NO_EXPERT), axis=0),
+                                tl.min(tl.where(free_c & (key == best), offs_e, _NO_EXPERT), axis=0))
+            chosen_t = free_t & (top_idx == choice)
+            chosen_c = free_c & (offs_e == choice)
+            value = (tl.sum(tl.where(chosen_t, top_val, 0.0), axis=0)
+                     + tl.sum(tl.where(chosen_c, logits, 0.0), axis=0))
+            free_t = free_t & ~chosen_t
+            free_c = free_c & ~chosen_c
+            new_val = tl.where(offs_k == i, value, new_val)
+            new_idx = tl.where(offs_k == i, choice, new_idx)
+            new_ok = tl.where(offs_k == i, choice < _NO_EXPERT, new_ok)
+        top_val = new_val
+        top_key = tl.where(new_val != new_val, float("inf"), new_val)
+        top_idx = new_idx
+        top_ok = new_ok
+    # Softmax over the K chosen logits; the first is their maximum.
+    mask_k = offs_k < K
+    top = tl.max(tl.where(mask_k, top_val, float("-inf")), axis=0)
+    p = tl.where(mask_k, tl.exp(top_val - top), 0.0)
+    weights = p / tl.sum(p, axis=0)
+    if ROUND_BF16:
+        weights = _rtne_bf16(weights)
+    tl.store(weights_ptr + pid_t * stride_weights_t + offs_k, weights.to(weights_ptr.dtype.element_ty), mask=mask_k)
+    tl.store(indices_ptr + pid_t * stride_indices_t + offs_k, top_idx.to(tl.int64), mask=mask_k)
+
+
+def router(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, D) tokens, gate (E, D) and bias (E,) or None in x's dtype → (weights (T, k) in x's dtype, indices
+    (T, k) int64), one launch: logits x·Wᵀ + b accumulated in float32 and rounded to x's dtype (as the
+    reference's linear), the k largest sorted descending with ties to the lower index, softmax over them in
+    float32. Each program reads the whole gate (E·D values): meant for few tokens (ROUTER_FUSED_MAX_TOKENS)."""
+    if (x.ndim != 2 or weight.ndim != 2 or weight.shape[1] != x.shape[1] or weight.dtype != x.dtype
+            or x.stride(1) != 1 or weight.stride(1) != 1 or not 1 <= top_k <= weight.shape[0]
+            or (bias is not None and (bias.shape != (weight.shape[0],) or bias.stride(0) != 1))):
+        raise ValueError(f"router: expected x (T, D), a gate (E, D) of x's dtype with unit column strides, bias "
+                         f"(E,) or None, 1 <= k <= E; got {tuple(x.shape)} {x.dtype}, {tuple(weight.shape)} "
+                         f"{weight.dtype}, {None if bias is None else tuple(bias.shape)}, k={top_k}")
+    (T, D), E = x.shape, weight.shape[0]
+    weights = _out(None if out is None else out[0], (T, top_k), x.dtype, x.device, "router weights")
+    indices = _out(None if out is None else out[1], (T, top_k), torch.int64, x.device, "router indices")
+    if T == 0:
+        return weights, indices
+    BLOCK_K = triton.next_power_of_2(top_k)
+    BLOCK_E = max(min(triton.next_power_of_2(E), 64), BLOCK_K)
+    BLOCK_D = max(16, min(triton.next_power_of_2(D), 8192 // BLOCK_E))  # tiles of up to 8192 weights
+    _router_kernel[(T,)](x, weight, weight if bias is None else bias, weights, indices, E, D,
+                         x.stride(0), weight.stride(0), weights.stride(0), indices.stride(0),
+                         K=top_k, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, HAS_BIAS=bias is not None,
+                         ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_E * BLOCK_D >= 8192 else 4)
+    return weights, indices
+
+
+def router_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.nn.functional.linear(x, weight, bias)  # (T, E) in x's dtype, as the reference engine
+    return topk_softmax_ref(logits, top_k, out)

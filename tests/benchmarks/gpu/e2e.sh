@@ -1,7 +1,7 @@
 # The whole-model run on the lent H200 (repository root; carry .gpu-wheels): `mxmoe bench` at the gpt-oss-20b and
 # -120b shapes with the triton and torch engines and transformers as a peer, then the triton engine's conformance
 # certificate. Every part writes under $OUT as it goes, so a run cut short still returns what it measured.
-# Usage: MXMOE_GIT_COMMIT=<sha> bash tests/benchmarks/gpu/e2e.sh [bench20|bench120|conformance ...]
+# Usage: MXMOE_GIT_COMMIT=<sha> bash tests/benchmarks/gpu/e2e.sh [PART ...] (the parts: the case labels below)
 set -o pipefail
 source tests/benchmarks/gpu/setup.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
@@ -19,6 +19,10 @@ for part in $parts; do
         --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench120b.txt" ;;
     moe-sweep)  # the MoE GEMV variants at T=1/4 against the default (moe_kernels.py --sweep-t1)
       timeout ${TSWEEP:-120} python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1 2>&1 | tail -40 ;;
+    dense-gemv)  # the triton engine's dense GEMV (linear.py) against cuBLAS at the real shapes
+      timeout ${TGEMV:-150} python3 tests/benchmarks/gpu/dense_gemv.py 2>&1 | tail -60 | tee "$OUT/dense_gemv_stdout.txt" ;;
+    moe-prefill)  # the dequantize-then-grouped-GEMM prefill path (moe_prefill.py) against the dot kernels
+      timeout ${TPREFILL:-150} python3 tests/benchmarks/gpu/moe_prefill.py 2>&1 | tail -60 | tee "$OUT/moe_prefill_stdout.txt" ;;
     moe-winner)  # select the sweep's winner in this copy (CONFIGS["gemv"], one line) and reinstall
       python3 - "$OUT/moe_sweep.txt" <<'PY' && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
           --no-compile --upgrade --target /tmp/site . >/dev/null

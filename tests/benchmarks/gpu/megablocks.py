@@ -34,6 +34,7 @@ import torch
 
 from mxmoe.backends.megablocks import MegaBlocksBackend, moe
 from mxmoe.backends.reference import TorchBackend
+from mxmoe.core.bench import git_commit
 from mxmoe.core.weights import ExpertLinear
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "megablocks.jsonl"
@@ -266,6 +267,7 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "benchmark": "megablocks",
         "device": torch.cuda.get_device_name(device),
+        **git_commit(),  # $MXMOE_GIT_COMMIT on a lent GPU, whose copy's .git may be stale
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
                      "hip": torch.version.hip, "cuda": torch.version.cuda},
         "capabilities": MegaBlocksBackend.capabilities.model_dump(mode="json"),
