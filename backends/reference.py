@@ -32,6 +32,7 @@ class TorchBackend(Backend):
         dense_experts=True,
         cuda_graphs=False,  # data-dependent loops over sequences and experts (host syncs)
         determinism="bitwise",
+        sharded=True,  # every op works on whatever heads, expert slices or token subsets it is given
     )
 
     def probe(self, device=None):

@@ -28,7 +28,8 @@ from .weights import ExpertLinear
 # written for 1.0/1.1 run unchanged, with the same results): ``add_rms_norm`` (the residual add + the next RMSNorm,
 # op "rms_norm") and ``rope_attention`` (RoPE + the KV-cache write + attention, ops "rope" and "attention"). The
 # graph calls a fused op through :func:`fused_op`: the fused method when one backend serves all of its ops, else
-# the composition of each op on its own backend.
+# the composition of each op on its own backend. Also the ``sharded`` claim and the optional
+# ``Backend.communicator`` (an engine's own collectives) for tensor/expert parallelism (core/parallel.py).
 BACKEND_API_VERSION = "1.2.0"
 
 # The ops an engine may serve; per-op overrides name these. A fused op spans one or more of them: it runs fused
@@ -70,6 +71,9 @@ class Capabilities(BaseModel):
     max_experts_per_token: int | None = None  # top-k; None = any
     max_context: int | None = None  # keys one sequence attends to (cached + new), and positions below it
     cuda_graphs: bool = False  # decode ops are capturable (no host sync, static shapes)
+    # Runs as one rank of a sharded model (core/parallel.py): ops take this rank's heads (any count), expert
+    # slices (any intermediate width that is a multiple of 32, zero-padded) or expert subsets with top-1 rows.
+    sharded: bool = False
     # "run_to_run": the same inputs twice give the same bits; "bitwise": also in a freshly prepared model.
     determinism: Literal["bitwise", "run_to_run", "none"] = "run_to_run"
 
@@ -274,6 +278,12 @@ class Backend:
         linear = h[1::2] clamped to ±``swiglu_limit``; out = gate·σ(α·gate)·(linear + 1).
         """
         raise NotSupported(self.name, "op 'experts'")
+
+    # ---- collectives (optional) ----------------------------------------------------------------------
+    def communicator(self, rank: int, world_size: int, device: torch.device) -> Any:
+        """This engine's own collectives for a sharded model (a :class:`mxmoe.core.parallel.Communicator`), or
+        None (the default) for torch.distributed's. Called once per rank at load when the engine serves an op."""
+        return None
 
 
 # ---- fused ops: their compositions, and how the graph calls them --------------------------------------------

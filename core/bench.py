@@ -444,9 +444,15 @@ class MxmoeSubject:
         model, cfg = self.model, self.config
         cache = model.new_cache(batch, context + 1)  # NaN-filled: position C stays NaN unless the step writes it
         ids, kv = _decode_inputs(cfg, batch, context, self.dtype, self.device, seed)
-        for layer, k, v in kv:
-            cache.k[layer, :, :context] = k
-            cache.v[layer, :, :context] = v
+        if _sharded(model):  # each rank's cache holds its own heads: fill the context by a prefill on every rank
+            n = batch * context
+            model.forward(_prompt_ids(cfg, [context] * batch, self.device, seed),
+                          Batch.build([context] * batch, [0] * batch, list(range(batch)), cache.cache_len, self.device),
+                          cache, logits_rows=torch.tensor([n - 1], device=self.device))
+        else:
+            for layer, k, v in kv:
+                cache.k[layer, :, :context] = k
+                cache.v[layer, :, :context] = v
         positions = torch.full((batch,), context, dtype=torch.int64, device=self.device)
         rows = torch.arange(batch, dtype=torch.int64, device=self.device)
         meta = Batch.build([1] * batch, [context] * batch, list(range(batch)), cache.cache_len, self.device)
@@ -864,6 +870,11 @@ def profile_step(step: Callable[[], Any], dev: _Device, warmup: int = 1, top: in
 
 # ---- building the subjects -------------------------------------------------------------------------
 
+def _sharded(model: Any) -> bool:
+    """Whether ``model`` is one rank's shard of a torchrun launch (core/launch.py)."""
+    return getattr(getattr(model, "comm", None), "world_size", 1) > 1
+
+
 def _label(ops: dict[str, str]) -> str:
     names = list(ops.values())
     default = max(dict.fromkeys(names), key=names.count)  # ties: the first op's engine
@@ -874,12 +885,16 @@ def _label(ops: dict[str, str]) -> str:
 def build_subject(plan: Plan, spec: str | None, dev: _Device, config: ModelConfig) -> MxmoeSubject:
     from mxmoe.plugins import resolve_backends
 
+    from .launch import current
     from .model import GptOss, load_model
 
     t0 = time.perf_counter()
     with torch.no_grad():
         if plan.model_dir is not None:
             model = load_model(plan.model_dir, backend=spec, device=plan.device, dtype=plan.dtype, strict=plan.strict)
+        elif current() is not None:  # under torchrun: every rank makes the same random weights and keeps its shard
+            model = current().load_model(random=(config.model_dump(), plan.seed), backend=spec, device=plan.device,
+                                         dtype=plan.dtype, strict=plan.strict)
         else:
             resolution = resolve_backends(spec, device=plan.device, dtype=plan.dtype, strict=plan.strict,
                                           model_config=config)
@@ -898,6 +913,10 @@ def _peer_plan(plan: Plan, dev: _Device, config: ModelConfig) -> str | None:
     """None if the transformers peer should run, else why not ("not installed", "skipped: ...")."""
     if plan.peer == "none":
         return "not requested (--peer none)"
+    from .launch import current
+
+    if current() is not None:
+        return "skipped: a sharded (torchrun) run; the peer would hold the whole model on rank 0"
     if importlib.util.find_spec("transformers") is None:
         return "not installed (pip install transformers)"
     need = int(hf_bytes(config, plan.dtype) * 1.1) + 2 * GIB
@@ -979,7 +998,19 @@ def header(plan: Plan, dev: _Device, config: ModelConfig, limits: Limits, run_id
                    "matmul_median_flops_per_s": limits.matmul_median_flops_per_s, "matmul_n": limits.matmul_n,
                    "matmul_dtype": limits.matmul_dtype},
         "settings": {"repeats": plan.repeats, "warmup": plan.warmup, "seed": plan.seed, "quick": plan.quick},
+        "parallel": _parallel_info(),
     }
+
+
+def _parallel_info() -> dict[str, Any] | None:
+    """Under torchrun: the ranks and the expert sharding (device figures and memory are rank 0's)."""
+    from .launch import _sharding_from_env, current
+
+    launch = current()
+    if launch is None:
+        return None
+    return {"world_size": launch.world_size, "shard_experts": launch.shard_experts or _sharding_from_env(),
+            "figures": "rank 0's device and memory; bytes and FLOPs are the whole model's"}
 
 
 # ---- comparing, printing, recording ---------------------------------------------------------------

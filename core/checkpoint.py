@@ -278,9 +278,13 @@ def _to_layout(config: ModelConfig, layout: str, group: int | str,
     return out
 
 
-def _from_layout(config: ModelConfig, layout: str, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of a ``layout`` checkpoint (validated) → canonical flat dict."""
+def _from_layout(config: ModelConfig, layout: str, t: dict[str, torch.Tensor],
+                 qkv_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a ``layout`` checkpoint (validated) → canonical flat dict; with ``qkv_rows`` (ascending
+    rows of the canonical qkv), only those rows of every qkv weight and bias, read without the others."""
     if layout == "original":
+        if qkv_rows is not None:
+            t = {name: x[qkv_rows] if ".attn.qkv." in name else x for name, x in t.items()}
         return t
     flat: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -293,6 +297,12 @@ def _from_layout(config: ModelConfig, layout: str, t: dict[str, torch.Tensor]) -
                 flat[canonical] = t[name].transpose(1, 2)  # a view: (E, K, N) → (E, N, K)
             else:
                 parts.setdefault(canonical, {})[spec.part] = t[name]
+    if qkv_rows is not None:  # each part's own rows, before the concatenation (q, k, v rows ascending)
+        q, kv = config.q_dim, config.kv_dim
+        bounds = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+        for p in parts.values():
+            for part, (lo, hi) in bounds.items():
+                p[part] = p[part][qkv_rows[(qkv_rows >= lo) & (qkv_rows < hi)] - lo]
     for canonical, p in parts.items():
         dtype = p["q"].dtype
         flat[canonical] = torch.cat([p["q"], p["k"].to(dtype), p["v"].to(dtype)])  # the one copy at load
@@ -473,23 +483,29 @@ def _check(d: Path, config: ModelConfig, layout: str, listing: _Listing) -> dict
     return where
 
 
-def load_checkpoint(path: str | Path) -> tuple[ModelConfig, ModelWeights, str]:
+def load_checkpoint(path: str | Path, qkv_rows: Callable[[ModelConfig], torch.Tensor] | None = None
+                    ) -> tuple[ModelConfig, ModelWeights, str]:
     """Read a checkpoint directory in any of the three layouts → (config, canonical weights, layout).
 
     Tensors are zero-copy views of the memory-mapped files (experts stay MXFP4 when stored so); only
     HF's q/k/v are concatenated. Nothing is read here beyond headers and index: the bytes are read
     when the tensors are first used. Everything is validated first: a bad checkpoint raises
-    :class:`CheckpointError` naming the file, the tensor, what was expected and what was found."""
-    return _load(path)[:3]
+    :class:`CheckpointError` naming the file, the tensor, what was expected and what was found.
+
+    ``qkv_rows(config)``: the rows of every layer's qkv weight and bias to keep (ascending; a tensor-parallel
+    rank's heads, core/parallel.py): only those are read, in every layout."""
+    return _load(path, qkv_rows)[:3]
 
 
-def _load(path: str | Path) -> tuple[ModelConfig, ModelWeights, str, Path, dict[str, SafetensorsFile]]:
+def _load(path: str | Path, qkv_rows: Callable[[ModelConfig], torch.Tensor] | None = None
+          ) -> tuple[ModelConfig, ModelWeights, str, Path, dict[str, SafetensorsFile]]:
     """:func:`load_checkpoint`, plus the weights' directory and tensor name → file."""
     d, layout, listing = _resolve(path)
     config = _load_config(d, layout)
     where = _check(d, config, layout, listing)
     tensors = {name: f.get(name) for name, f in where.items()}
-    weights = _weights_from_flat(config, _from_layout(config, layout, tensors))
+    rows = None if qkv_rows is None else qkv_rows(config)
+    weights = _weights_from_flat(config, _from_layout(config, layout, tensors, rows))
     return config, weights, layout, d, where
 
 

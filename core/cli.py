@@ -5,6 +5,10 @@ config, backend spec, device, dtype or argument value) prints one message, ``mxm
 with status 2; ``--debug`` (or ``MXMOE_DEBUG=1``) prints its traceback too. Anything else is a bug and keeps
 its traceback. Every sub-command's ``--device`` and ``--dtype`` are checked here before it runs (see
 :data:`_CHECKS_OWN_DEVICE` for the exceptions), and mxmoe's warnings print as one line each.
+
+Under torchrun (``torchrun --nproc-per-node N -m mxmoe.core.cli COMMAND ...``) rank 0 runs the command and the
+other ranks follow it (core/launch.py); a collective that fails (another rank failed or stopped answering)
+prints one message and exits with status 1.
 """
 
 from __future__ import annotations
@@ -52,10 +56,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mxmoe.plugins.selection import BackendSelectionError, SpecError
 
     from .config import ConfigError
+    from .parallel import ShardingError
     from .safetensors_io import CheckpointError
     from .tokenizer import VocabError
 
-    return (UsageError, CheckpointError, ConfigError, SpecError, BackendSelectionError, VocabError)
+    return (UsageError, CheckpointError, ConfigError, SpecError, BackendSelectionError, VocabError, ShardingError)
 
 
 # ---- checks shared by the sub-commands (raise UsageError) ---------------------------------------------
@@ -156,8 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register_cli(sub)
+    _add_shard_flag(sub)
     _add_debug_flag(sub)
     return parser
+
+
+def _add_shard_flag(sub: argparse._SubParsersAction) -> None:
+    """--shard-experts on every command that loads a model (those with --backend): how a torchrun launch
+    splits the experts over the ranks (core/parallel.py)."""
+    for p in set(sub.choices.values()):
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        for a in nested:
+            _add_shard_flag(a)
+        if not nested and "--backend" in p._option_string_actions and "--shard-experts" not in p._option_string_actions:
+            p.add_argument("--shard-experts", choices=["intermediate", "expert"], default=None,
+                           help="under torchrun: split the experts by their intermediate dimension (default: every "
+                                "rank a slice of every expert, one all-reduce per layer; best for batch-1 latency) "
+                                "or by expert (whole experts per rank, tokens exchanged by all-to-all; for "
+                                "throughput); also $MXMOE_SHARD_EXPERTS. Ignored in a single process")
 
 
 def _add_debug_flag(sub: argparse._SubParsersAction) -> None:
@@ -219,7 +240,39 @@ def _user_message(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .launch import init_from_env
+    from .parallel import ShardingError
+
+    try:
+        launch = init_from_env()  # None in a single process; under torchrun, this rank's place in the group
+    except ShardingError as e:
+        print(f"mxmoe: {e}", file=sys.stderr)
+        return 2
+    if launch is None:
+        return _main(argv)
+    if not launch.drives:  # ranks > 0 never see the command: they do what rank 0 tells them
+        return launch.follow()
+    code = 1
+    try:
+        code = _main(argv, launch)
+    except SystemExit as e:  # argparse: --help, or a bad flag
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        raise
+    except BaseException:  # a bug: its traceback, before finish() may end the process at once
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
+    finally:
+        launch.finish(code)  # tell the other ranks to exit (or, after a failure, end at once)
+    return code
+
+
+def _main(argv: list[str] | None, launch=None) -> int:
+    from .parallel import ParallelError
+
     args = build_parser().parse_args(argv)
+    if launch is not None and getattr(args, "shard_experts", None):
+        launch.shard_experts = args.shard_experts
     debug = bool(getattr(args, "debug", False)) or os.environ.get(ENV_DEBUG, "").strip().lower() in (
         "1", "true", "yes", "on")
     prog = _command_name(args)
@@ -232,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except ParallelError as e:  # another rank failed (it said why) or stopped answering: no traceback here
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
     except family as e:
         if debug:
             traceback.print_exc()
@@ -251,6 +309,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Through the package's module, not this __main__ copy: the commands raise mxmoe.core.cli.UsageError.
-    from mxmoe.core.cli import main as _main
+    from mxmoe.core.cli import main as _package_main
 
-    sys.exit(_main())
+    sys.exit(_package_main())

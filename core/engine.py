@@ -160,7 +160,8 @@ def kv_bytes_per_token(model: "GptOss") -> int:
     """Bytes of keys + values one token takes in the cache, over all layers."""
     cfg = model.config
     elem = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    heads = getattr(model, "num_kv_heads", cfg.num_key_value_heads)  # this rank's, when sharded (rank 0 holds most)
+    return 2 * cfg.num_hidden_layers * heads * cfg.head_dim * elem
 
 
 def memory_left(device: torch.device) -> int:
@@ -240,6 +241,8 @@ def cuda_graphs_unsupported(model: "GptOss") -> str | None:
     """Why decode steps of ``model`` cannot be captured in CUDA graphs, or None when they can."""
     if model.device.type != "cuda":
         return f"the model is on {model.device.type}, not CUDA"
+    if getattr(getattr(model, "comm", None), "world_size", 1) > 1:
+        return "the model is sharded across ranks (each step is broadcast to them first; core/launch.py)"
     if not torch.cuda.is_available():
         return "CUDA is not available"
     bad = sorted({f"{op} ({b.name})" for op, b in model.ops.items() if not b.capabilities.cuda_graphs})

@@ -14,6 +14,8 @@ Every tensor op goes through the backend that serves it (``ops[name]``); a fused
 ``fused_op`` (core/backend.py): fused where one backend serves all of its ops, composed op by op on
 their own backends otherwise. The graph never branches on device. One call runs T tokens of S sequences
 (core/batch.py): prefill and decode are the same path.
+Sharded over ranks (core/parallel.py), the graph is the same: it runs this rank's heads and expert slices
+and calls the collectives of ``self.comm`` where partial results meet (the identity in one process).
 
 Shape legend: T tokens, S sequences, D hidden, V vocab, Hq/Hkv heads, d head_dim.
 """
@@ -31,6 +33,7 @@ import torch
 from .backend import Backend, fused_op, parse_dtype
 from .batch import Batch, KVCache
 from .config import ModelConfig
+from .parallel import SINGLE_PROCESS, Communicator, ExpertParallel, ShardPlan
 from .rope import yarn_inv_freq
 from .weights import ModelWeights
 
@@ -52,8 +55,20 @@ class GptOss:
 
     def __init__(self, config: ModelConfig, weights: ModelWeights, ops: dict[str, Backend],
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 model_dir: str | Path | None = None, resolution: Any = None, progress: bool | None = None):
+                 model_dir: str | Path | None = None, resolution: Any = None, progress: bool | None = None,
+                 plan: ShardPlan | None = None, comm: Communicator | None = None):
+        """``plan``/``comm``: one rank of a sharded model (core/parallel.py), ``weights`` being its shard."""
         self.config, self.ops, self.dtype, self.device = config, dict(ops), dtype, torch.device(device)
+        self.plan, self.comm = plan, comm or SINGLE_PROCESS
+        where = (plan.rank, plan.world_size) if plan is not None else (0, 1)
+        if where != (self.comm.rank, self.comm.world_size):
+            raise ValueError(f"weights sharded for rank {where[0]} of {where[1]}, with a communicator of rank "
+                             f"{self.comm.rank} of {self.comm.world_size}")
+        # This rank's heads (all of them in one process); whole experts per rank route tokens by all-to-all.
+        self.num_heads = plan.num_heads if plan else config.num_attention_heads
+        self.num_kv_heads = plan.num_kv_heads if plan else config.num_key_value_heads
+        self.expert_parallel = (ExpertParallel(plan, self.comm, self.device)
+                                if plan is not None and plan.sharding == "expert" else None)
         self.model_dir = None if model_dir is None else Path(model_dir)
         self.resolution = resolution  # how the ops were chosen (plugins' trace), for `mxmoe backends --explain`
         self._tokenizer = None
@@ -90,7 +105,8 @@ class GptOss:
         sequence's last new token, R = S). ``cache`` receives the new keys/values."""
         cfg, ops = self.config, self.ops
         T = token_ids.shape[0]
-        Hq, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        Hq, Hkv, d = self.num_heads, self.num_kv_heads, cfg.head_dim  # this rank's heads
+        Q, KV = Hq * d, Hkv * d
         norm, eps = ops["rms_norm"], cfg.rms_norm_eps
         add_rms_norm, rope_attention = fused_op(ops, "add_rms_norm"), fused_op(ops, "rope_attention")
         x = ops["embedding"].embedding(token_ids, self.embedding)  # (T, D): the residual stream
@@ -102,17 +118,22 @@ class GptOss:
             else:
                 x, h = add_rms_norm(x, delta, layer.attn_norm, eps)
             qkv = ops["linear"].linear(h, layer.qkv)  # (T, Q + 2 KV)
-            q = qkv[:, :cfg.q_dim].reshape(T, Hq, d)
-            k = qkv[:, cfg.q_dim:cfg.q_dim + cfg.kv_dim].reshape(T, Hkv, d)
-            v = qkv[:, cfg.q_dim + cfg.kv_dim:].reshape(T, Hkv, d)
+            q = qkv[:, :Q].reshape(T, Hq, d)
+            k = qkv[:, Q:Q + KV].reshape(T, Hkv, d)
+            v = qkv[:, Q + KV:].reshape(T, Hkv, d)
             k_cache, v_cache = cache.layer(i)
             o = rope_attention(q, k, v, batch.positions, self.inv_freq, self.concentration, layer.sinks, k_cache,
                                v_cache, batch, layer.sliding_window, self.sm_scale)  # (T, Hq, d)
-            delta = ops["linear"].linear(o.reshape(T, Hq * d), layer.out)
+            delta = self.comm.all_reduce(ops["linear"].linear(o.reshape(T, Q), layer.out))  # sum over ranks' heads
             # MoE block.
             x, h = add_rms_norm(x, delta, layer.mlp_norm, eps)
             weights, indices = ops["router"].router(h, layer.gate, cfg.experts_per_token)  # (T, k) each
-            delta = ops["experts"].experts(h, weights, indices, layer.experts, cfg.swiglu_alpha, cfg.swiglu_limit)
+            if self.expert_parallel is None:  # all experts here, or a slice of each: sum over ranks' slices
+                delta = self.comm.all_reduce(ops["experts"].experts(h, weights, indices, layer.experts,
+                                                                    cfg.swiglu_alpha, cfg.swiglu_limit))
+            else:  # whole experts on each rank: tokens go to their experts and back (all-to-all)
+                delta = self.expert_parallel(ops["experts"], h, weights, indices, layer.experts, cfg.swiglu_alpha,
+                                             cfg.swiglu_limit)
         if logits_rows is None:
             logits_rows = batch.cu_seqlens[1:] - 1
         # The last residual add and the final norm, on the selected rows only (row-wise: the same bits).
@@ -120,12 +141,13 @@ class GptOss:
             x = norm.rms_norm(x[logits_rows], self.norm, eps)
         else:
             _, x = add_rms_norm(x[logits_rows], delta[logits_rows], self.norm, eps)
-        return ops["linear"].linear(x, self.unembedding)  # (R, V)
+        # Each rank holds rows of the unembedding (padded to equal parts): gather, then drop the padding.
+        return self.comm.all_gather(ops["linear"].linear(x, self.unembedding))[:, :cfg.vocab_size]  # (R, V)
 
     # ---- conveniences ------------------------------------------------------------------------------
     def new_cache(self, num_rows: int, cache_len: int) -> KVCache:
         cfg = self.config
-        return KVCache.allocate(cfg.num_hidden_layers, num_rows, cache_len, cfg.num_key_value_heads, cfg.head_dim,
+        return KVCache.allocate(cfg.num_hidden_layers, num_rows, cache_len, self.num_kv_heads, cfg.head_dim,
                                 self.dtype, self.device)
 
     def check_tokens(self, token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
@@ -201,17 +223,24 @@ def _tensors(block) -> list[torch.Tensor]:
 
 def load_model(path: str | Path, backend: str | dict[str, str] | None = None, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None, strict: bool = False,
-               progress: bool | None = None) -> GptOss:
+               progress: bool | None = None, shard_experts: str | None = None) -> GptOss:
     """Load a checkpoint folder (original, Hugging Face MXFP4 or Hugging Face bf16 layout) onto engines.
 
     ``backend``: ``None``/``"auto"`` (best available for the device), a backend name (``"torch"``), or
     per-op overrides (``{"attention": "torch", "experts": "..."}`` or ``"attention=torch,experts=..."``).
     ``strict`` refuses any fallback. ``dtype`` is the activation dtype (default bfloat16, the
-    checkpoint's own; float32/float64 for checking).
+    checkpoint's own; float32/float64 for checking). Under torchrun (core/launch.py) every rank loads its
+    shard, with experts split by ``shard_experts`` ("intermediate" or "expert"; core/parallel.py).
     """
     from mxmoe.plugins import resolve_backends
 
     from .checkpoint import load_checkpoint
+    from .launch import current
+
+    launch = current()
+    if launch is not None:
+        return launch.load_model(path, backend=backend, device=device, dtype=dtype, strict=strict, progress=progress,
+                                 shard_experts=shard_experts)
 
     device = torch.device(device)
     dtype = parse_dtype(dtype or "bfloat16")

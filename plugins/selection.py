@@ -299,7 +299,8 @@ def probe_backend(backend: Backend, device: torch.device | str | None) -> Probe:
     return result
 
 
-def _candidates(registry: Registry, device: torch.device, dtype: torch.dtype) -> list[_Candidate]:
+def _candidates(registry: Registry, device: torch.device, dtype: torch.dtype,
+                sharded: bool = False) -> list[_Candidate]:
     out = []
     for info in registry.infos:
         c = _Candidate(info)
@@ -321,6 +322,11 @@ def _candidates(registry: Registry, device: torch.device, dtype: torch.dtype) ->
             continue
         except (Exception, SystemExit) as e:  # a plugin's bug: this backend is out, the process goes on
             c.problem = Rejection(backend=info.name, kind="error", reason=f"check raised {type(e).__name__}: {e}")
+            continue
+        if sharded and not getattr(c.instance.capabilities, "sharded", False):
+            c.problem = Rejection(backend=info.name, kind="not_supported",
+                                  reason=f"backend {info.name!r} does not claim it can run sharded across ranks "
+                                         "(capabilities.sharded is False)")
             continue
         c.probe = probe_backend(c.instance, device)
         if not c.probe.available:
@@ -384,7 +390,7 @@ def _check_model(b: Backend, op: str, cfg: Any) -> None:
 def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, *,
                      device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
                      strict: bool = False, config_file: str | os.PathLike | None = None,
-                     model_config: Any = None, registry: Registry | None = None) -> Resolution:
+                     model_config: Any = None, registry: Registry | None = None, sharded: bool = False) -> Resolution:
     """Give every op of :data:`mxmoe.core.backend.OPS` a backend; see the module docstring for the rules.
 
     :param spec: the selection, or ``None`` to take it from ``MXMOE_BACKEND``, the config file, or auto.
@@ -396,6 +402,7 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
     :param model_config: a :class:`mxmoe.core.config.ModelConfig` whose head dim, expert counts and
         context are checked against the capabilities too.
     :param registry: the discovered plugins (default: :func:`mxmoe.plugins.discover`).
+    :param sharded: the model runs sharded across ranks: only backends claiming ``sharded`` may serve.
     :return: a :class:`Resolution`; ``.ops`` maps each op to a backend instance (one per backend class).
     :raises BackendSelectionError: no backend can serve some op; a requested name is not registered; or,
         in strict mode, a requested backend cannot serve an op.
@@ -417,7 +424,7 @@ def resolve_backends(spec: str | Mapping[str, str] | BackendSpec | None = None, 
         parsed, source = BackendSpec(), "default"
     strict = bool(strict) or _truthy(os.environ.get(ENV_STRICT, "")) or config_strict
 
-    candidates = _candidates(registry, device, dtype)
+    candidates = _candidates(registry, device, dtype, sharded)
     known = {c.info.name for c in candidates}
     res = Resolution(ops={}, trace=[], spec=parsed, source=source, strict=strict, device=str(device),
                      dtype=dtype_name(dtype), config_file=None if config_path is None else str(config_path),
