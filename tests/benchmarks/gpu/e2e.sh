@@ -10,15 +10,19 @@ mx="python3 -m mxmoe.core.cli"
 for part in $parts; do
   case $part in
     bench20)
-      timeout ${T20:-300} $mx bench --shape gpt-oss-20b --backend triton --backend torch --peer transformers \
-        --scenario decode-b1,decode-batch,prefill,ttft,memory --context 1024,8192 --batch 8,64 --profile \
-        --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench20b.txt" ;;
+      timeout ${T20:-330} $mx bench --shape gpt-oss-20b --backend triton --backend megablocks --backend torch \
+        --peer transformers --scenario decode-b1,decode-batch,prefill,memory --context ${CTX20:-1024} --batch 64 \
+        --profile --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench20b.txt" ;;
+    attn-fused)  # the fused RoPE + cache write + decode attention kernel: check, graph, timing (attention_kernels.py)
+      timeout ${TATTN:-120} python3 tests/benchmarks/gpu/attention_kernels.py --fused 2>&1 | tail -40 | tee "$OUT/attn_fused.txt" ;;
+    graphs)  # graph replay == eager with the triton engine (engine_graphs.py)
+      timeout ${TGRAPHS:-150} python3 tests/benchmarks/gpu/engine_graphs.py 2>&1 | tail -30 | tee "$OUT/graphs.txt" ;;
     bench120)
       timeout ${T120:-150} $mx bench --shape gpt-oss-120b --backend triton --peer none \
         --scenario decode-b1,decode-batch,prefill,memory --context 1024,8192 --batch 64 --profile \
         --results "$OUT/bench.jsonl" 2>&1 | tee "$OUT/bench120b.txt" ;;
     moe-sweep)  # the MoE GEMV variants at T=1/4 against the default (moe_kernels.py --sweep-t1)
-      timeout ${TSWEEP:-120} python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1 2>&1 | tail -40 ;;
+      timeout ${TSWEEP:-120} python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1 ${SWEEP_ARGS:-} 2>&1 | tail -40 ;;
     dense-gemv)  # the triton engine's dense GEMV (linear.py) against cuBLAS at the real shapes
       timeout ${TGEMV:-150} python3 tests/benchmarks/gpu/dense_gemv.py 2>&1 | tail -60 | tee "$OUT/dense_gemv_stdout.txt" ;;
     moe-prefill)  # the dequantize-then-grouped-GEMM prefill path (moe_prefill.py) against the dot kernels
