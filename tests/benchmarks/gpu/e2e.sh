@@ -34,7 +34,7 @@ import re, sys
 line = next(l for l in open(sys.argv[1]) if l.startswith('    "gemv": dict('))
 p = "backends/triton_engine/moe.py"
 s = open(p).read()
-s, n = re.subn(r'^    "gemv": GEMV_BASE,.*$', line.rstrip("\n").replace("\\", "\\\\"), s, count=1, flags=re.M)
+s, n = re.subn(r'^    "gemv": [^\n]*\n(?: {17}[^\n]*\n)?', line.replace("\\", "\\\\"), s, count=1, flags=re.M)
 assert n == 1, "CONFIGS['gemv'] line not found"
 open(p, "w").write(s)
 print("selected:", line.strip())
