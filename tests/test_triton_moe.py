@@ -450,3 +450,14 @@ def test_subnormal_bf16_activations_in_the_products(path):
     ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
     assert ref.abs().max() > 1e-9  # made of those activations alone (no bias)
     _check(_run(x, ew, idx, w, path), ref, spread)
+
+
+def test_routing_reads_non_contiguous_ids_as_their_values():
+    """A (T, k) view with other strides (a transpose's) gives the tables of its values, not of its storage."""
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(10)]).to(DEVICE)
+    view = idx.t().contiguous().t()
+    assert not view.is_contiguous() and torch.equal(view, idx)
+    order, tiles = moe.moe_routing(view, 8, 4)
+    ref_order, ref_tiles = moe.moe_routing_ref(idx, 8, 4)
+    assert torch.equal(order.cpu(), ref_order.cpu()) and torch.equal(tiles.cpu(), ref_tiles.cpu())

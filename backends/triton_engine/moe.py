@@ -963,6 +963,7 @@ def moe_routing(expert_indices: torch.Tensor, num_experts: int, block_t: int):
     with M = P // block_t + min(E, P) (an upper bound on the tile count known from the shapes alone): per
     tile its expert and [start, end) into ``order``; unused slots have start = end = 0.
     """
+    expert_indices = expert_indices.contiguous()  # the kernel reads the (T, k) ids as one flat run of P
     P = expert_indices.numel()
     max_tiles = P // block_t + min(num_experts, P)
     order = torch.empty(P, dtype=torch.int32, device=expert_indices.device)
