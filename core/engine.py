@@ -96,17 +96,22 @@ class Request:
     """One prompt being completed: its tokens so far, how it finished, its row while it runs.
 
     Read ``token_ids`` / ``finish_reason`` / ``error``; ``on_token(request, token)`` (if given) is
-    called for each token as it is generated. Build with :meth:`Engine.submit`.
+    called for each token as it is generated. ``logits_processor(request, logits)`` (if given) gets this
+    request's next-token logits (V,) on the device before each sampling and returns the logits to sample
+    from (same shape; e.g. -inf outside a grammar's allowed tokens); it may change them in place. Build with
+    :meth:`Engine.submit`.
     """
 
     _ids = itertools.count()
 
     def __init__(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 on_token: Callable[["Request", int], None] | None = None):
+                 on_token: Callable[["Request", int], None] | None = None,
+                 logits_processor: Callable[["Request", torch.Tensor], torch.Tensor] | None = None):
         self.id = next(Request._ids)
         self.prompt_ids = [int(t) for t in prompt_ids]
         self.params = params
         self.on_token = on_token
+        self.logits_processor = logits_processor
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None  # one of FINISH_REASONS once done
         self.error: str | None = None
@@ -434,11 +439,13 @@ class Engine:
 
     # ---- requests ----------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int] | torch.Tensor, params: SamplingParams | None = None,
-               on_token: Callable[[Request, int], None] | None = None) -> Request:
-        """Queue a request (FIFO). A bad one comes back already finished with ``finish_reason == "error"``."""
+               on_token: Callable[[Request, int], None] | None = None,
+               logits_processor: Callable[[Request, torch.Tensor], torch.Tensor] | None = None) -> Request:
+        """Queue a request (FIFO). A bad one comes back already finished with ``finish_reason == "error"``.
+        ``on_token`` and ``logits_processor``: see :class:`Request`."""
         params = params or SamplingParams()
         ids = prompt_ids.tolist() if isinstance(prompt_ids, torch.Tensor) else list(prompt_ids)
-        req = Request(ids, params, on_token)
+        req = Request(ids, params, on_token, logits_processor)
         problem = params.problem()
         if problem is None:
             try:
@@ -581,6 +588,9 @@ class Engine:
         return logits[:len(pick)], sampled, meta[3 * S + len(logits_rows):]
 
     def _sample(self, logits: torch.Tensor, sampled: list[Request], rows: torch.Tensor) -> torch.Tensor:
+        for i, r in enumerate(sampled):  # per-request hooks first (a host call each; none in the common case)
+            if r.logits_processor is not None:
+                logits[i] = r.logits_processor(r, logits[i])
         draws = [r for r in sampled if r._generator is not None]
         if not draws:
             return logits.argmax(dim=-1)

@@ -365,3 +365,32 @@ def test_engine_with_padded_decode_buckets_matches_alone(model):
     eng.decode._pad_eagerly = True  # decodes of 3 sequences run as the padded bucket of 4, as on CUDA
     done = eng.generate(prompts, [SamplingParams(max_tokens=k) for k in max_tokens])
     assert [r.token_ids for r in done] == want
+
+
+def test_a_logits_processor_steers_its_request_alone(model):
+    """The public per-request hook: a processor that bans each step's greedy choice gives the greedy
+    continuation of the banned logits (checked by full forwards), sees only its own request's row, and leaves
+    the request beside it in the same batch with its greedy tokens."""
+    banned_prompt, plain_prompt = ids(7, seed=300), ids(5, seed=301)
+    seen = []
+
+    def ban_the_best(req, logits):
+        seen.append((req.id, tuple(logits.shape)))
+        logits[logits.argmax()] = float("-inf")
+        return logits
+
+    eng = Engine(model, max_batch=2, max_context=32)
+    steered = eng.submit(banned_prompt, SamplingParams(max_tokens=4), logits_processor=ban_the_best)
+    plain = eng.submit(plain_prompt, SamplingParams(max_tokens=4))
+    eng.run()
+
+    seq, want = list(banned_prompt), []
+    for _ in range(4):
+        logits = model.logits(seq)[-1].clone()
+        logits[logits.argmax()] = float("-inf")
+        want.append(int(logits.argmax()))
+        seq.append(want[-1])
+    assert steered.token_ids == want
+    assert want != greedy_oracle(model, banned_prompt, 4)  # the hook changed something
+    assert plain.token_ids == greedy_oracle(model, plain_prompt, 4)
+    assert seen == [(steered.id, (model.config.vocab_size,))] * 4

@@ -63,9 +63,9 @@ class ScriptedEngine(Engine):
         self.fail_next_step = False
         self._script_of: dict[int, list[int] | None] = {}
 
-    def submit(self, prompt_ids, params=None, on_token=None):
+    def submit(self, prompt_ids, params=None, on_token=None, logits_processor=None):
         self.prompts.append(list(prompt_ids))
-        self.requests.append(super().submit(prompt_ids, params, on_token))
+        self.requests.append(super().submit(prompt_ids, params, on_token, self._force_script))
         return self.requests[-1]
 
     def step(self):
@@ -81,13 +81,13 @@ class ScriptedEngine(Engine):
             self._script_of[r.id] = next((s for m, s in self.scripts.items() if m in text), None)
         return self._script_of[r.id]
 
-    def _sample(self, logits, sampled, rows):  # the one place where a request meets its sampled token
-        tokens = super()._sample(logits, sampled, rows)
-        for i, r in enumerate(sampled):
-            script = self._script(r)
-            if script is not None and len(r.token_ids) < len(script):
-                tokens[i] = script[len(r.token_ids)]
-        return tokens
+    def _force_script(self, r, logits):  # the engine's public per-request logits hook
+        script = self._script(r)
+        if script is not None and len(r.token_ids) < len(script):
+            forced = torch.full_like(logits, float("-inf"))
+            forced[script[len(r.token_ids)]] = 0.0  # the only finite logit: greedy or sampled, it is chosen
+            return forced
+        return logits
 
     def prompt_with(self, marker: str) -> list[int]:
         return next(p for p in reversed(self.prompts) if marker in self.model.tokenizer.decode(p))
