@@ -130,6 +130,11 @@ class Request:
         return len(self.prompt_ids)
 
     @property
+    def prefilled(self) -> int:
+        """Tokens of the prompt whose keys/values are in the cache so far (a long prompt is prefilled in chunks)."""
+        return min(self._past, self.prompt_len)
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 

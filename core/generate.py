@@ -227,10 +227,30 @@ def _cli_generate(args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
+def _prefill_with_progress(engine, req, enabled: bool | None = None) -> None:
+    """Run the steps that prefill ``req``'s prompt with a progress bar on stderr, when the prompt takes several
+    steps (longer than the step budget) and ``enabled`` (None: stderr is a terminal); else nothing."""
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled or req.done or req.prompt_len <= engine.max_step_tokens:
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=req.prompt_len, desc="prefill", unit="tok", file=sys.stderr, leave=False,
+              mininterval=0) as bar:  # a step is seconds long on a CPU: show each
+        while not req.done and not req.token_ids:
+            steps = engine.steps
+            engine.step()
+            bar.update(req.prefilled - bar.n)
+            if engine.steps == steps:  # nothing ran (the request waits for a row): engine.stream handles it
+                return
+
+
 def _stream_one(engine, tok, prompt: list[int], params) -> int:
     decoder = _Utf8Stream(tok)
     start = time.perf_counter()
     req = engine.submit(prompt, params)
+    _prefill_with_progress(engine, req)
     first = None
     n = 0
     try:

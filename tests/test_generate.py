@@ -153,3 +153,27 @@ def test_cli_cuda_graphs_on_without_cuda_is_a_clear_error(tiny_dir, capsys):
     assert main(["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--raw", "--max-tokens", "2", "--dtype",
                  "float32", "--cuda-graphs", "on"]) == 2
     assert "CUDA graphs were asked for, but the model is on cpu" in capsys.readouterr().err
+
+
+def test_a_long_prompt_is_prefilled_with_a_progress_bar(tiny_dir, capsys):
+    """A prompt longer than the step budget takes several prefill steps: the bar counts its tokens on stderr,
+    and the completion is the one the engine gives without the bar."""
+    from mxmoe.core.engine import Engine, SamplingParams
+    from mxmoe.core.generate import _prefill_with_progress
+
+    model = load_model(tiny_dir, backend="torch", dtype="float32")
+    prompt = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(9)).tolist()
+
+    def completion(bar: bool) -> list[int]:
+        eng = Engine(model, max_batch=1, max_context=64, max_step_tokens=16)
+        req = eng.submit(prompt, SamplingParams(max_tokens=3))
+        _prefill_with_progress(eng, req, enabled=bar)
+        if bar:
+            assert req.prefilled == 40 and eng.steps == 3  # 16 + 16 + 8 tokens, the last step samples
+        return list(eng.stream(req))
+
+    plain = completion(False)
+    assert "prefill" not in capsys.readouterr().err
+    assert completion(True) == plain
+    err = capsys.readouterr().err
+    assert "prefill" in err and "16/40" in err and "32/40" in err  # cleared when the first token comes
