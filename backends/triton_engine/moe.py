@@ -916,6 +916,29 @@ def _mlp2_gemv_st_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
 
 # One program. BP pairs per step x BE experts one-hot; BM tile slots per step.
 @triton.jit
+def _store_tiles(tiles_ptr, MAX_TILES, counts, starts, offs_e, E, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr):
+    # The tile table from the per-expert pair counts and their starts in the sorted order (both [BLOCK_E]):
+    # tiles of at most BLOCK_T pairs of one expert, in expert order; slots past the last tile get start = end = 0.
+    # Shared by both routings (this module's one-program kernel, moe_prefill.py's parallel one).
+    ntiles = (counts + BLOCK_T - 1) // BLOCK_T
+    tiles_end = tl.cumsum(ntiles, axis=0)
+    tiles_begin = tiles_end - ntiles
+    for m0 in range(0, MAX_TILES, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        tile_e = tl.sum((tiles_end[None, :] <= offs_m[:, None]).to(tl.int32), axis=1)  # experts wholly before
+        mine = (tile_e[:, None] == offs_e[None, :]).to(tl.int32)
+        first = tl.sum(mine * starts[None, :], axis=1)
+        count = tl.sum(mine * counts[None, :], axis=1)
+        start = first + (offs_m - tl.sum(mine * tiles_begin[None, :], axis=1)) * BLOCK_T
+        end = tl.minimum(start + BLOCK_T, first + count)
+        valid = tile_e < E
+        mask_m = offs_m < MAX_TILES
+        tl.store(tiles_ptr + offs_m, tl.where(valid, tile_e, 0), mask=mask_m)
+        tl.store(tiles_ptr + MAX_TILES + offs_m, tl.where(valid, start, 0), mask=mask_m)
+        tl.store(tiles_ptr + 2 * MAX_TILES + offs_m, tl.where(valid, end, 0), mask=mask_m)
+
+
+@triton.jit
 def _routing_kernel(idx_ptr, P, E, order_ptr, tiles_ptr, MAX_TILES,
                     BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_e = tl.arange(0, BLOCK_E)
@@ -937,23 +960,7 @@ def _routing_kernel(idx_ptr, P, E, order_ptr, tiles_ptr, MAX_TILES,
         pos = tl.sum(onehot * (rank + seen[None, :]), axis=1)
         tl.store(order_ptr + pos, offs_p, mask=mask_p)
         seen += tl.sum(onehot, axis=0)
-    # Tiles of at most BLOCK_T pairs of one expert, in expert order; slots past the last tile get start = end = 0.
-    ntiles = (counts + BLOCK_T - 1) // BLOCK_T
-    tiles_end = tl.cumsum(ntiles, axis=0)
-    tiles_begin = tiles_end - ntiles
-    for m0 in range(0, MAX_TILES, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        tile_e = tl.sum((tiles_end[None, :] <= offs_m[:, None]).to(tl.int32), axis=1)  # [BM]
-        mine = (tile_e[:, None] == offs_e[None, :]).to(tl.int32)
-        first = tl.sum(mine * starts[None, :], axis=1)
-        count = tl.sum(mine * counts[None, :], axis=1)
-        start = first + (offs_m - tl.sum(mine * tiles_begin[None, :], axis=1)) * BLOCK_T
-        end = tl.minimum(start + BLOCK_T, first + count)
-        valid = tile_e < E
-        mask_m = offs_m < MAX_TILES
-        tl.store(tiles_ptr + offs_m, tl.where(valid, tile_e, 0), mask=mask_m)
-        tl.store(tiles_ptr + MAX_TILES + offs_m, tl.where(valid, start, 0), mask=mask_m)
-        tl.store(tiles_ptr + 2 * MAX_TILES + offs_m, tl.where(valid, end, 0), mask=mask_m)
+    _store_tiles(tiles_ptr, MAX_TILES, counts, starts, offs_e, E, BLOCK_T, BLOCK_M)
 
 
 def moe_routing(expert_indices: torch.Tensor, num_experts: int, block_t: int):

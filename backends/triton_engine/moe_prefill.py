@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from mxmoe.backends.triton_engine import moe as _moe
-from mxmoe.backends.triton_engine.moe import MoEWeights, _cast  # _cast: the one bf16 rounding (interpreter-safe)
+from mxmoe.backends.triton_engine.moe import MoEWeights, _cast, _store_tiles  # shared device helpers
 from mxmoe.core.backend import NotSupported
 
 # The interpreter's tl.dot on bf16 operands returns wrong values (FACTS.md): feed it fp32 there.
@@ -144,23 +144,7 @@ def _route_scan_kernel(counts_ptr, NUM_CHUNKS, E, first_ptr, tiles_ptr, MAX_TILE
         first = tl.cumsum(counts, axis=0) - counts + seen[None, :]  # after the earlier chunks' pairs of e
         tl.store(first_ptr + offs_c[:, None] * BLOCK_E + offs_e[None, :], first, mask=mask_c)
         seen += tl.sum(counts, axis=0)
-    # Tiles of at most BLOCK_T pairs of one expert, in expert order; slots past the last tile get start = end = 0.
-    ntiles = (totals + BLOCK_T - 1) // BLOCK_T
-    tiles_end = tl.cumsum(ntiles, axis=0)
-    tiles_begin = tiles_end - ntiles
-    for m0 in range(0, MAX_TILES, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        tile_e = tl.sum((tiles_end[None, :] <= offs_m[:, None]).to(tl.int32), axis=1)  # experts wholly before
-        mine = (tile_e[:, None] == offs_e[None, :]).to(tl.int32)
-        begin = tl.sum(mine * starts[None, :], axis=1)
-        count = tl.sum(mine * totals[None, :], axis=1)
-        start = begin + (offs_m - tl.sum(mine * tiles_begin[None, :], axis=1)) * BLOCK_T
-        end = tl.minimum(start + BLOCK_T, begin + count)
-        valid = tile_e < E
-        mask_m = offs_m < MAX_TILES
-        tl.store(tiles_ptr + offs_m, tl.where(valid, tile_e, 0), mask=mask_m)
-        tl.store(tiles_ptr + MAX_TILES + offs_m, tl.where(valid, start, 0), mask=mask_m)
-        tl.store(tiles_ptr + 2 * MAX_TILES + offs_m, tl.where(valid, end, 0), mask=mask_m)
+    _store_tiles(tiles_ptr, MAX_TILES, totals, starts, offs_e, E, BLOCK_T, BLOCK_M)  # the same table as moe.py's
 
 
 @triton.jit

@@ -137,6 +137,21 @@ def rms_norm_ref(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Te
 # the bits of PyTorch's ``x + delta`` (float32 has 24 ≥ 2·8 + 2 bits, so rounding twice is harmless). The
 # norm reads the rounded s, as the composition does.
 @triton.jit
+def _as_dtype(v, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    # float32 v rounded to ``dtype`` (to nearest even, by hand where the interpreter truncates), held as float32.
+    if ROUND_BF16:
+        return _rtne_bf16(v)
+    return v.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rounded_sum(x_row, delta_row, offs_d, mask_d, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+         + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
+    return _as_dtype(s, dtype, ROUND_BF16)
+
+
+@triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
                          stride_x_t, stride_delta_t, stride_s_t, stride_h_t,
                          BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, ROUND_BF16: tl.constexpr):
@@ -148,30 +163,19 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
     if ONE_PASS:  # the whole row in registers (gpt-oss: D = 2880 ≤ BLOCK_D = 4096): read once, write twice
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-             + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
-        if ROUND_BF16:
-            s = _rtne_bf16(s)
-        else:
-            s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+        s = _rounded_sum(x_row, delta_row, offs_d, mask_d, s_ptr.dtype.element_ty, ROUND_BF16)
         tl.store(s_row + offs_d, s.to(s_ptr.dtype.element_ty), mask=mask_d)
         rstd = tl.rsqrt(tl.sum(s * s, axis=0) / D + eps)
         scale = tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        h = (s * rstd) * scale  # the reference's order: normalise, then scale
-        if ROUND_BF16:
-            h = _rtne_bf16(h)
+        # The reference's order: normalise, then scale.
+        h = _as_dtype((s * rstd) * scale, h_ptr.dtype.element_ty, ROUND_BF16)
         tl.store(h_row + offs_d, h.to(h_ptr.dtype.element_ty), mask=mask_d)
     else:
         sum_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
         for start in range(0, D, BLOCK_D):
             offs_d = start + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                 + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
-            if ROUND_BF16:
-                s = _rtne_bf16(s)
-            else:
-                s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+            s = _rounded_sum(x_row, delta_row, offs_d, mask_d, s_ptr.dtype.element_ty, ROUND_BF16)
             tl.store(s_row + offs_d, s.to(s_ptr.dtype.element_ty), mask=mask_d)
             sum_sq += s * s
         rstd = tl.rsqrt(tl.sum(sum_sq, axis=0) / D + eps)
@@ -180,16 +184,9 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
         for start in range(0, D, BLOCK_D):
             offs_d = start + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            s = (tl.load(x_row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-                 + tl.load(delta_row + offs_d, mask=mask_d, other=0.0).to(tl.float32))
-            if ROUND_BF16:
-                s = _rtne_bf16(s)
-            else:
-                s = s.to(s_ptr.dtype.element_ty).to(tl.float32)
+            s = _rounded_sum(x_row, delta_row, offs_d, mask_d, s_ptr.dtype.element_ty, ROUND_BF16)
             scale = tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            h = (s * rstd) * scale
-            if ROUND_BF16:
-                h = _rtne_bf16(h)
+            h = _as_dtype((s * rstd) * scale, h_ptr.dtype.element_ty, ROUND_BF16)
             tl.store(h_row + offs_d, h.to(h_ptr.dtype.element_ty), mask=mask_d)
 
 
