@@ -114,6 +114,7 @@ class MoEWeights:
     b2: torch.Tensor  # (E, D) float32
     dtype: torch.dtype  # activation dtype the engine prepared for
     big_scales: bool = False  # some scale byte > 240 (or NaN): the kernels then scale in two steps
+    small_scales: bool = False  # every scale byte <= 128: the dot kernels can decode straight into bf16 (_slot_bf16)
     scratch: dict = field(default_factory=dict, repr=False, compare=False)  # counters of the split gemv kernels
 
     @property
@@ -155,7 +156,8 @@ def prepare_moe_weights(mlp1: ExpertLinear, mlp2: ExpertLinear, dtype: torch.dty
     s2 = mlp2.scales.to(device).view(torch.uint8).contiguous()
     b2 = mlp2.bias.to(device=device, dtype=torch.float32).contiguous()
     big = bool((s1 > 240).any() or (s2 > 240).any())  # once, at load: a host sync is fine here
-    return MoEWeights(w1, s1, b1, w2, s2, b2, dtype, big)
+    small = bool((s1 <= 128).all() and (s2 <= 128).all())
+    return MoEWeights(w1, s1, b1, w2, s2, b2, dtype, big, small)
 
 
 # ---- the plain-PyTorch specification -------------------------------------------------------------------------
@@ -259,6 +261,38 @@ def _slot_f32(w, SLOT: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _slot_bf16(w, s, SLOT: tl.constexpr):
+    # w [..., 4] uint32 words, s [..., 1] E8M0 bytes <= 128 (MoEWeights.small_scales). Returns the two values of slot
+    # SLOT of each word (even element, odd element) as bf16, exactly E2M1 * 2^(s-127), with no conversion
+    # instruction: the shifts put each code's sign at bf16's bit 15 and its 3 magnitude bits (exponent, mantissa)
+    # at bits 8-6, the lowest exponent bits, so the 16 bits are E2M1 * 2^-126 (a subnormal for +-0.5, as E2M1's
+    # own subnormal); one bf16x2 multiply by 2^(s-1) then scales both values exactly (a normal bf16 for s <= 128).
+    # About 2 integer/bf16 instructions per value, against ~4 on the fp16 -> fp32 -> bf16 route of _slot_f32.
+    if SLOT == 3:
+        q = ((w >> 3) & 0x01C001C0) | (w & 0x80008000)
+    elif SLOT == 2:
+        q = (w & 0x01C001C0) | ((w << 3) & 0x80008000)
+    elif SLOT == 1:
+        q = ((w << 3) & 0x01C001C0) | ((w << 2) & 0x80008000)
+    else:
+        q = ((w << 6) & 0x01C001C0) | ((w << 1) & 0x80008000)
+    e = s.to(tl.uint32) + 126  # the bf16/fp32 exponent field of 2^(s-1)
+    if _USE_ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; mul.rn.bf16x2 t, $2, $3; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r", [q, (e << 7) | (e << 23)], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        # The same products in fp32 (exact: they have two significant bits), whose upper halves are their bf16
+        # bits (no fp32 -> bf16 conversion, which the interpreter gets wrong for subnormals).
+        m = (e << 23).to(tl.float32, bitcast=True)
+        lo = ((q << 16).to(tl.float32, bitcast=True) * m).to(tl.uint32, bitcast=True) >> 16
+        hi = ((q & 0xFFFF0000).to(tl.float32, bitcast=True) * m).to(tl.uint32, bitcast=True) >> 16
+        lo = lo.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
 def _load_x_pairs(x_ptr, offs, mask, X_BF16: tl.constexpr, MASKED: tl.constexpr):
     # offs: element-pair indices (pair m = elements 2m, 2m+1). bf16 rows are read as int32 pairs (x_ptr is the
     # int32 view) and split by shifts: bf16 is the upper half of an fp32.
@@ -277,6 +311,15 @@ def _load_x_pairs(x_ptr, offs, mask, X_BF16: tl.constexpr, MASKED: tl.constexpr)
         else:
             even = tl.load(x_ptr + 2 * offs)
             odd = tl.load(x_ptr + 2 * offs + 1)
+    return even, odd
+
+
+@triton.jit
+def _load_x_bf16(x_ptr, offs, mask):
+    # Element pairs (x_ptr: the int32 view of bf16 rows) split into the even and the odd bf16 values, by bits.
+    pair = tl.load(x_ptr + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    even = (pair & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    odd = (pair >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return even, odd
 
 
@@ -988,12 +1031,40 @@ def moe_routing(expert_indices: torch.Tensor, num_experts: int, block_t: int):
 @triton.jit
 def _dot_slot(acc, w, s, x_ptr, x_offs, mask_x, SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr,
-              JOIN: tl.constexpr):
-    # acc [BN, BT] += slot SLOT of the words w [BN, BB, 4] (scale bytes s [BN, BB]) times the activations.
+              JOIN: tl.constexpr, DEQ_BF16: tl.constexpr, SWAP: tl.constexpr):
+    # acc [BN, BT] += slot SLOT of the words w [BN, BB, 4] (scale bytes s [BN, BB]) times the activations; with
+    # SWAP acc is [BT, BN] and the tokens are the product's A operand (see _mlp1_dot_kernel).
     # The slot's values are activations 32b + 8*SLOT + (0..7) of block b, as (word, lane) pairs. JOIN: interleave
     # the two lanes back (join + reshape) and take those 8 activations straight from memory, one product with K =
     # BB*8; else two products with K = BB*4 (even lanes with even activations, odd with odd), the activations
-    # read as element pairs and split with shifts, as in the gemv.
+    # read as element pairs and split with shifts, as in the gemv. DEQ_BF16 (bf16 activations, scale bytes <= 128,
+    # JOIN): the values are decoded straight into bf16 by _slot_bf16.
+    if DEQ_BF16:
+        if SWAP:  # w [BB, 4, BN], s [BB, BN]; split lanes, K = BB*4 (block, word) per product
+            tl.static_assert(not JOIN, "SWAP needs JOIN=False")
+            lo, hi = _slot_bf16(w, s[:, None, :], SLOT)
+            xe, xo = _load_x_bf16(x_ptr, x_offs, mask_x)
+            acc = _dot_acc(_to_dot(tl.reshape(xe, [BLOCK_T, BLOCK_B * 4]), DOT_F32),
+                           _to_dot(tl.reshape(lo, [BLOCK_B * 4, BLOCK_N]), DOT_F32), acc, DOT_F32)
+            acc = _dot_acc(_to_dot(tl.reshape(xo, [BLOCK_T, BLOCK_B * 4]), DOT_F32),
+                           _to_dot(tl.reshape(hi, [BLOCK_B * 4, BLOCK_N]), DOT_F32), acc, DOT_F32)
+        else:
+            tl.static_assert(JOIN, "DEQ_BF16 without SWAP needs JOIN")
+            lo, hi = _slot_bf16(w, s[:, :, None], SLOT)
+            xs = tl.load(x_ptr + x_offs, mask=mask_x, other=0.0)  # [BT, BB, 8] elements
+            xs = tl.trans(_to_dot(tl.reshape(xs, [BLOCK_T, BLOCK_B * 8]), DOT_F32))
+            acc = _dot_acc(_to_dot(tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_B * 8]), DOT_F32), xs, acc, DOT_F32)
+    else:
+        acc = _dot_slot_f32(acc, w, s, x_ptr, x_offs, mask_x, SLOT, BLOCK_N, BLOCK_T, BLOCK_B, X_BF16, DOT_F32,
+                            BIG_SCALES, JOIN)
+    return acc
+
+
+@triton.jit
+def _dot_slot_f32(acc, w, s, x_ptr, x_offs, mask_x, SLOT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                  BIG_SCALES: tl.constexpr, JOIN: tl.constexpr):
+    # The fp16 -> fp32 decode (_slot_f32): fp32 activations, scale bytes > 128, or DEQ_BF16 off.
     lo, hi = _slot_f32(w, SLOT, BIG_SCALES)
     lo = _scale_values(lo, s[:, :, None], BIG_SCALES)
     hi = _scale_values(hi, s[:, :, None], BIG_SCALES)
@@ -1015,13 +1086,13 @@ def _dot_slot(acc, w, s, x_ptr, x_offs, mask_x, SLOT: tl.constexpr, BLOCK_N: tl.
 @triton.jit
 def _dot_step(acc, w, s, x_ptr, x_offs, mask_x, X_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr,
-              JOIN: tl.constexpr):
-    # acc [BN, BT] += the BB blocks of words w [BN, BB, 4] times their activations, one slot at a time. (Joining
+              JOIN: tl.constexpr, DEQ_BF16: tl.constexpr, SWAP: tl.constexpr):
+    # acc [BN, BT] ([BT, BN] with SWAP) += the BB blocks of words w [BN, BB, 4] times their activations, one slot at a time. (Joining
     # the four slots into one product with K = BB*32 was tried: triton 3.6 stages such operands through shared
     # memory 16 bits at a time, or fails to compile them.)
     for slot in tl.static_range(4):
         acc = _dot_slot(acc, w, s, x_ptr, x_offs + X_SLOT * slot, mask_x, slot, BLOCK_N, BLOCK_T, BLOCK_B,
-                        X_BF16, DOT_F32, BIG_SCALES, JOIN)
+                        X_BF16, DOT_F32, BIG_SCALES, JOIN, DEQ_BF16, SWAP)
     return acc
 
 
@@ -1041,6 +1112,55 @@ def _dot_acc(a, b, acc, DOT_F32: tl.constexpr):
         return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _dot_zeros(BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SWAP: tl.constexpr):
+    if SWAP:
+        z = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+    else:
+        z = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+    return z
+
+
+@triton.jit
+def _w_tiles(w_base, s_base, offs_n, stride_w_n, stride_s_n, offs_b, SWAP: tl.constexpr):
+    # Pointers to the words [BN, BB, 4] and scale bytes [BN, BB] of a K step; with SWAP [BB, 4, BN] and [BB, BN],
+    # so that the decoded slot reshapes into the [K, BN] operand with no transpose (see _dot_slot).
+    offs_w = tl.arange(0, 4)
+    if SWAP:
+        w_ptrs = w_base + offs_n[None, None, :] * stride_w_n * 4 + offs_b[:, None, None] * 4 + offs_w[None, :, None]
+        s_ptrs = s_base + offs_n[None, :] * stride_s_n + offs_b[:, None]
+    else:
+        w_ptrs = w_base + offs_n[:, None, None] * stride_w_n * 4 + offs_b[None, :, None] * 4 + offs_w[None, None, :]
+        s_ptrs = s_base + offs_n[:, None] * stride_s_n + offs_b[None, :]
+    return w_ptrs, s_ptrs
+
+
+@triton.jit
+def _w_masks(mask_n, mask_b, SWAP: tl.constexpr):
+    if SWAP:
+        mask_s = mask_b[:, None] & mask_n[None, :]
+        mask_w = mask_s[:, None, :]
+    else:
+        mask_s = mask_n[:, None] & mask_b[None, :]
+        mask_w = mask_s[:, :, None]
+    return mask_w, mask_s
+
+
+@triton.jit
+def _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS: tl.constexpr):
+    # The sorted positions [start, end) and the expert of tile pid_m: from moe_routing's tables, or with PAIRS (no
+    # routing: a few tokens) the one pair pid_m, whose expert id order_ptr (then the indices) holds.
+    if PAIRS:
+        start = pid_m
+        end = pid_m + 1
+        e = tl.load(order_ptr + pid_m).to(tl.int64)
+    else:
+        start = tl.load(tiles_ptr + MAX_TILES + pid_m).to(tl.int32)
+        end = tl.load(tiles_ptr + 2 * MAX_TILES + pid_m).to(tl.int32)
+        e = tl.load(tiles_ptr + pid_m).to(tl.int64)
+    return start, end, e
+
+
 # One tile of BT pairs of one expert x BN SwiGLU outputs (BN gate + BN linear rows); BB blocks of 32 per K step.
 # acc [BN, BT] = W [BN, K] @ X^T [K, BT]: weights are the wide operand, tokens the narrow one.
 @triton.jit
@@ -1051,24 +1171,25 @@ def _mlp1_dot_kernel(x_ptr, stride_x_t, order_ptr, tiles_ptr, MAX_TILES,
                      h_ptr, stride_h_r,
                      NB, I, TOP_K, alpha, limit,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
-                     DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr):
+                     DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr, DEQ_BF16: tl.constexpr,
+                     PAIRS: tl.constexpr, SWAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    start = tl.load(tiles_ptr + MAX_TILES + pid_m)
-    end = tl.load(tiles_ptr + 2 * MAX_TILES + pid_m)
+    start, end, e = _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS)
     if start >= end:  # a tile slot past the real tile count
         return
-    e = tl.load(tiles_ptr + pid_m).to(tl.int64)
     offs_r = start + tl.arange(0, BLOCK_T)
     mask_r = offs_r < end
-    tok = tl.load(order_ptr + offs_r, mask=mask_r, other=0) // TOP_K
+    if PAIRS:
+        tok = offs_r // TOP_K
+    else:
+        tok = tl.load(order_ptr + offs_r, mask=mask_r, other=0) // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     offs_b = tl.arange(0, BLOCK_B)
     offs_w = tl.arange(0, 4)
-    wg_ptrs = (w_ptr + e * stride_w_e * 4 + offs_n[:, None, None] * stride_w_n * 4
-               + offs_b[None, :, None] * 4 + offs_w[None, None, :])
-    sg_ptrs = s_ptr + e * stride_s_e + offs_n[:, None] * stride_s_n + offs_b[None, :]
+    wg_ptrs, sg_ptrs = _w_tiles(w_ptr + e * stride_w_e * 4, s_ptr + e * stride_s_e, offs_n, stride_w_n, stride_s_n,
+                                offs_b, SWAP)
     if JOIN:  # element offsets of slot 0's 8 activations; slot k adds 8k
         x_offs = tok[:, None, None] * stride_x_t * 32 + offs_b[None, :, None] * 32 + tl.arange(0, 8)[None, None, :]
         X_SLOT: tl.constexpr = 8
@@ -1077,24 +1198,26 @@ def _mlp1_dot_kernel(x_ptr, stride_x_t, order_ptr, tiles_ptr, MAX_TILES,
         x_offs = tok[:, None, None] * stride_x_t * 16 + offs_b[None, :, None] * 16 + offs_w[None, None, :]
         X_SLOT: tl.constexpr = 4
         X_STEP: tl.constexpr = 16
-    acc_g = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
-    acc_l = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+    acc_g = _dot_zeros(BLOCK_N, BLOCK_T, SWAP)
+    acc_l = _dot_zeros(BLOCK_N, BLOCK_T, SWAP)
     for b0 in range(0, NB, BLOCK_B):
         mask_b = b0 + offs_b < NB
-        mask_w = mask_n[:, None, None] & mask_b[None, :, None]
-        mask_s = mask_n[:, None] & mask_b[None, :]
+        mask_w, mask_s = _w_masks(mask_n, mask_b, SWAP)
         mask_x = mask_r[:, None, None] & mask_b[None, :, None]
         wg = tl.load(wg_ptrs, mask=mask_w, other=0).to(tl.uint32, bitcast=True)
         wl = tl.load(wg_ptrs + stride_w_h * 4, mask=mask_w, other=0).to(tl.uint32, bitcast=True)
         sg = tl.load(sg_ptrs, mask=mask_s, other=127)
         sl = tl.load(sg_ptrs + stride_s_h, mask=mask_s, other=127)
         acc_g = _dot_step(acc_g, wg, sg, x_ptr, x_offs, mask_x, X_SLOT, BLOCK_N, BLOCK_T, BLOCK_B, X_BF16, DOT_F32,
-                          BIG_SCALES, JOIN)
+                          BIG_SCALES, JOIN, DEQ_BF16, SWAP)
         acc_l = _dot_step(acc_l, wl, sl, x_ptr, x_offs, mask_x, X_SLOT, BLOCK_N, BLOCK_T, BLOCK_B, X_BF16, DOT_F32,
-                          BIG_SCALES, JOIN)
+                          BIG_SCALES, JOIN, DEQ_BF16, SWAP)
         wg_ptrs += BLOCK_B * 4
         sg_ptrs += BLOCK_B
         x_offs += BLOCK_B * X_STEP
+    if SWAP:
+        acc_g = tl.trans(acc_g)
+        acc_l = tl.trans(acc_l)
     gate = acc_g + tl.load(b_ptr + e * stride_b_e + offs_n, mask=mask_n, other=0.0)[:, None]
     lin = acc_l + tl.load(b_ptr + e * stride_b_e + stride_b_h + offs_n, mask=mask_n, other=0.0)[:, None]
     h = _swiglu(gate, lin, alpha, limit)
@@ -1112,24 +1235,25 @@ def _mlp2_dot_kernel(h_ptr, stride_h_r, order_ptr, tiles_ptr, MAX_TILES, ew_ptr,
                      y_ptr, stride_y_p,
                      NB, D,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
-                     DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr):
+                     DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr, DEQ_BF16: tl.constexpr,
+                     PAIRS: tl.constexpr, SWAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    start = tl.load(tiles_ptr + MAX_TILES + pid_m)
-    end = tl.load(tiles_ptr + 2 * MAX_TILES + pid_m)
+    start, end, e = _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS)
     if start >= end:
         return
-    e = tl.load(tiles_ptr + pid_m).to(tl.int64)
     offs_r = start + tl.arange(0, BLOCK_T)
     mask_r = offs_r < end
-    pair = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
+    if PAIRS:
+        pair = offs_r
+    else:
+        pair = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
     offs_b = tl.arange(0, BLOCK_B)
     offs_w = tl.arange(0, 4)
-    w_ptrs = (w_ptr + e * stride_w_e * 4 + offs_n[:, None, None] * stride_w_n * 4
-              + offs_b[None, :, None] * 4 + offs_w[None, None, :])
-    s_ptrs = s_ptr + e * stride_s_e + offs_n[:, None] * stride_s_n + offs_b[None, :]
+    w_ptrs, s_ptrs = _w_tiles(w_ptr + e * stride_w_e * 4, s_ptr + e * stride_s_e, offs_n, stride_w_n, stride_s_n,
+                              offs_b, SWAP)
     if JOIN:
         x_offs = offs_r[:, None, None] * stride_h_r * 32 + offs_b[None, :, None] * 32 + tl.arange(0, 8)[None, None, :]
         X_SLOT: tl.constexpr = 8
@@ -1138,17 +1262,20 @@ def _mlp2_dot_kernel(h_ptr, stride_h_r, order_ptr, tiles_ptr, MAX_TILES, ew_ptr,
         x_offs = offs_r[:, None, None] * stride_h_r * 16 + offs_b[None, :, None] * 16 + offs_w[None, None, :]
         X_SLOT: tl.constexpr = 4
         X_STEP: tl.constexpr = 16
-    acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+    acc = _dot_zeros(BLOCK_N, BLOCK_T, SWAP)
     for b0 in range(0, NB, BLOCK_B):
         mask_b = b0 + offs_b < NB
-        wt = tl.load(w_ptrs, mask=mask_n[:, None, None] & mask_b[None, :, None], other=0).to(tl.uint32, bitcast=True)
-        sc = tl.load(s_ptrs, mask=mask_n[:, None] & mask_b[None, :], other=127)
+        mask_w, mask_s = _w_masks(mask_n, mask_b, SWAP)
+        wt = tl.load(w_ptrs, mask=mask_w, other=0).to(tl.uint32, bitcast=True)
+        sc = tl.load(s_ptrs, mask=mask_s, other=127)
         mask_x = mask_r[:, None, None] & mask_b[None, :, None]
         acc = _dot_step(acc, wt, sc, h_ptr, x_offs, mask_x, X_SLOT, BLOCK_N, BLOCK_T, BLOCK_B, X_BF16, DOT_F32,
-                        BIG_SCALES, JOIN)
+                        BIG_SCALES, JOIN, DEQ_BF16, SWAP)
         w_ptrs += BLOCK_B * 4
         s_ptrs += BLOCK_B
         x_offs += BLOCK_B * X_STEP
+    if SWAP:
+        acc = tl.trans(acc)
     weight = _to_f32(tl.load(ew_ptr + pair, mask=mask_r, other=0.0))
     y = (acc + tl.load(b_ptr + e * stride_b_e + offs_n, mask=mask_n, other=0.0)[:, None]) * weight[None, :]
     tl.store(y_ptr + pair[None, :] * stride_y_p * 32 + offs_n[:, None], y, mask=mask_n[:, None] & mask_r[None, :])
@@ -1186,6 +1313,9 @@ CONFIGS = {
     # activation-stationary 21.9 us vs base 22.0, mlp2 base (no stationary config beat it).
     "gemv": dict(mlp1=dict(BLOCK_N=16, BLOCK_B=32, num_warps=4, PREFETCH=0, SPLIT_K=1, STATIONARY=True),
                  mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0)),
+    # "pairs": the dot kernels with one tile per (token, slot) pair (no routing); a guess until the H200 sweep.
+    "pairs": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
+                  mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True)),
     "dot": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=128, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
                 mlp2=dict(BLOCK_N=128, BLOCK_B=2, num_warps=4, num_stages=4, JOIN=True)),
     "prefill": dict(BLOCK_T=128, mlp1=dict(BLOCK_N=128, BLOCK_B=2, num_warps=8, num_stages=4, JOIN=True),
@@ -1386,26 +1516,49 @@ def check_dot_config(cfg: dict, interpret: bool = _INTERPRET) -> bool:
     return join
 
 
-def launch_mlp1_dot(x, order, tiles, k, w: MoEWeights, h, block_t, cfg, alpha, limit):
-    D, I, max_tiles = w.hidden, w.intermediate, tiles.shape[1]
+def _deq_bf16(cfg: dict, join: bool, x: torch.Tensor, w: MoEWeights) -> bool:
+    # Whether the dot kernels decode straight into bf16 (_slot_bf16): bf16 activations, joined lanes (or SWAP),
+    # scale bytes <= 128 (checked at load); config key DEQ_BF16 (default on) turns it off for comparisons.
+    return bool(cfg.get("DEQ_BF16", True) and (join or cfg.get("SWAP", False)) and x.dtype == torch.bfloat16
+                and w.small_scales and not w.big_scales)
+
+
+def _swap(cfg: dict, join: bool, x: torch.Tensor, w: MoEWeights) -> bool:
+    # Config key SWAP (with the bf16 decode only): the tokens are the product's A operand and the decoded weights
+    # its B operand, which the compiler stages through shared memory, so that on Hopper the tensor-core products
+    # read both operands from there and run asynchronously with the next step's decode.
+    if cfg.get("SWAP", False) and join:
+        raise ValueError(f"moe dot config {cfg}: SWAP needs JOIN=False")
+    return bool(cfg.get("SWAP", False)) and _deq_bf16(cfg, join, x, w)
+
+
+def launch_mlp1_dot(x, order, tiles, k, w: MoEWeights, h, block_t, cfg, alpha, limit, pairs=False):
+    """``pairs``: no routing tables (order = the (T, k) expert indices, tiles unused): one tile per pair."""
+    D, I = w.hidden, w.intermediate
+    max_tiles = order.numel() if pairs else tiles.shape[1]
+    tiles = order if pairs else tiles
     join = check_dot_config(cfg)
     _mlp1_dot_kernel[(max_tiles, triton.cdiv(I, cfg["BLOCK_N"]))](
         x if join else _pairs(x), D // 32, order, tiles, max_tiles, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
         *w.b1.stride()[:2], h, I // 32, D // 32, I, k, alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t, BLOCK_B=cfg["BLOCK_B"], X_BF16=x.dtype == torch.bfloat16,
         DOT_F32=_INTERPRET or x.dtype != torch.bfloat16, BIG_SCALES=w.big_scales, JOIN=join,
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+        DEQ_BF16=_deq_bf16(cfg, join, x, w), PAIRS=pairs, SWAP=_swap(cfg, join, x, w), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3))
 
 
-def launch_mlp2_dot(h, order, tiles, ew, w: MoEWeights, y, block_t, cfg):
-    D, I, max_tiles = w.hidden, w.intermediate, tiles.shape[1]
+def launch_mlp2_dot(h, order, tiles, ew, w: MoEWeights, y, block_t, cfg, pairs=False):
+    D, I = w.hidden, w.intermediate
+    max_tiles = order.numel() if pairs else tiles.shape[1]
+    tiles = order if pairs else tiles
     join = check_dot_config(cfg)
     _mlp2_dot_kernel[(max_tiles, triton.cdiv(D, cfg["BLOCK_N"]))](
         h if join else _pairs(h), I // 32, order, tiles, max_tiles, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2,
         w.b2.stride(0), y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t, BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16,
         DOT_F32=_INTERPRET or h.dtype != torch.bfloat16, BIG_SCALES=w.big_scales, JOIN=join,
-        num_warps=cfg["num_warps"], num_stages=cfg.get("num_stages", 3))
+        DEQ_BF16=_deq_bf16(cfg, join, h, w), PAIRS=pairs, SWAP=_swap(cfg, join, h, w), num_warps=cfg["num_warps"],
+        num_stages=cfg.get("num_stages", 3))
 
 
 def launch_sum_slots(y, out, k):
@@ -1447,7 +1600,7 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
 
         return moe_prefill_dequant(x, ew, idx, w, swiglu_alpha, swiglu_limit, config=config, out=out)
     cfg = config or CONFIGS[path]
-    if path not in ("gemv", "dot", "prefill"):
+    if path not in ("gemv", "pairs", "dot", "prefill"):
         raise ValueError(f"moe_mxfp4: unknown path {path!r}")
     h = _buffer((T * k, w.intermediate), x.dtype, x.device)  # SwiGLU(mlp1) per pair, in x's dtype
     fused = (path == "gemv" and gemv_family(cfg["mlp2"]) != "base" and bool(cfg["mlp2"].get("FUSE_SUM", False)))
@@ -1456,6 +1609,9 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
         launch_mlp1_gemv_any(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
         if launch_mlp2_gemv_any(h, idx, ew, w, y, out, cfg["mlp2"]):  # the token's last mlp2 program wrote out
             return out
+    elif path == "pairs":  # the dot kernels, one tile per (token, slot) pair: no routing
+        launch_mlp1_dot(x, idx, None, k, w, h, cfg["BLOCK_T"], cfg["mlp1"], swiglu_alpha, swiglu_limit, pairs=True)
+        launch_mlp2_dot(h, idx, None, ew, w, y, cfg["BLOCK_T"], cfg["mlp2"], pairs=True)
     else:
         order, tiles = moe_routing(idx, w.num_experts, cfg["BLOCK_T"])
         launch_mlp1_dot(x, order, tiles, k, w, h, cfg["BLOCK_T"], cfg["mlp1"], swiglu_alpha, swiglu_limit)
