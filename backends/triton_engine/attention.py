@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 from mxmoe.core.batch import Batch
 
 from .ops import rope, rope_ref
@@ -73,7 +74,8 @@ def _kv_cache_write_kernel(K, V, K_cache, V_cache, Slot_mapping, cache_len,
                            stride_k_t, stride_k_h, stride_v_t, stride_v_h,
                            stride_kc_r, stride_kc_l, stride_kc_h, stride_vc_r, stride_vc_l, stride_vc_h,
                            NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BF16_RTNE: tl.constexpr):
+                           BF16_RTNE: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     slot = tl.load(Slot_mapping + pid_t).to(tl.int64)
@@ -124,7 +126,7 @@ def kv_cache_write(k, v, k_cache, v_cache, slot_mapping):
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=Hkv, HEAD_DIM=d, BLOCK_H=block_h, BF16_RTNE=_bf16_rtne(k_cache.dtype),
-        num_warps=1 if block_h * d <= 512 else 4)
+        num_warps=1 if block_h * d <= 512 else 4, **launch_options(k))
 
 
 # ================================================================================================
@@ -298,7 +300,9 @@ def _decode_split_kernel(Q, K_cache, V_cache, Sinks, Out, M_part, L_part, Acc_pa
                          stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p, num_splits,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
                          HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr,
-                         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+                         DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+                         GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_s = tl.program_id(0)
     pid_kvh = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -363,7 +367,9 @@ def _decode_split_kernel(Q, K_cache, V_cache, Sinks, Out, M_part, L_part, Acc_pa
 @triton.jit
 def _decode_merge_kernel(Out, Sinks, M_part, L_part, Acc_part, Cu_seqlens,
                          stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p,
-                         num_splits, P_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BF16_RTNE: tl.constexpr):
+                         num_splits, P_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BF16_RTNE: tl.constexpr,
+                         GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_s = tl.program_id(0)
     pid_h = tl.program_id(1)
     token = tl.load(Cu_seqlens + pid_s)
@@ -453,14 +459,14 @@ def decode_attention(q, k_cache, v_cache, sinks, batch: Batch, sliding_window: i
         GROUP=G, G_PAD=max(16, triton.next_power_of_2(G)), SLIDING_WINDOW=int(sliding_window), HEAD_DIM=d,
         BLOCK_N=block_n, DIRECT=num_splits == 1, DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
         BF16_RTNE=_bf16_rtne(q.dtype),
-        num_warps=num_warps or 4, num_stages=num_stages or 3)
+        num_warps=num_warps or 4, num_stages=num_stages or 3, **launch_options(q))
     if num_splits > 1:
         _decode_merge_kernel[(S, Hq)](
             out, sinks, m_part, l_part, acc_part, batch.cu_seqlens,
             out.stride(0), out.stride(1), m_part.stride(0), m_part.stride(1),
             acc_part.stride(0), acc_part.stride(1), acc_part.stride(2), num_splits,
             P_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=d, BF16_RTNE=_bf16_rtne(q.dtype),
-            num_warps=1 if num_splits * d <= 2048 else 4)
+            num_warps=1 if num_splits * d <= 2048 else 4, **launch_options(out))
     return out
 
 
@@ -511,7 +517,9 @@ def _rope_decode_kernel(Q, K, V, K_cache, V_cache, Sinks, Out, M_part, L_part, A
                         num_splits,
                         GROUP: tl.constexpr, G_PAD: tl.constexpr, SLIDING_WINDOW: tl.constexpr,
                         HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MERGE: tl.constexpr, P_PAD: tl.constexpr,
-                        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr):
+                        DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BF16_RTNE: tl.constexpr,
+                        GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_s = tl.program_id(0)
     pid_kvh = tl.program_id(1)
     pid_p = tl.program_id(2)
@@ -715,14 +723,14 @@ def rope_decode_attention(q, k, v, positions, inv_freq, concentration: float, si
         GROUP=G, G_PAD=max(16, triton.next_power_of_2(G)), SLIDING_WINDOW=int(sliding_window), HEAD_DIM=d,
         BLOCK_N=block_n, MERGE=mode, P_PAD=triton.next_power_of_2(num_splits), DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision, BF16_RTNE=_bf16_rtne(q.dtype),
-        num_warps=num_warps or 4, num_stages=num_stages or 3)
+        num_warps=num_warps or 4, num_stages=num_stages or 3, **launch_options(q))
     if mode == 1:
         _decode_merge_kernel[(S, Hq)](
             out, sinks, m_part, l_part, acc_part, batch.cu_seqlens,
             out.stride(0), out.stride(1), m_part.stride(0), m_part.stride(1),
             acc_part.stride(0), acc_part.stride(1), acc_part.stride(2), num_splits,
             P_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=d, BF16_RTNE=_bf16_rtne(q.dtype),
-            num_warps=1 if num_splits * d <= 2048 else 4)
+            num_warps=1 if num_splits * d <= 2048 else 4, **launch_options(out))
     return out
 
 

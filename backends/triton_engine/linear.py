@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
+
 # The interpreter's tl.dot on bf16 operands returns wrong values (FACTS.md): feed it fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter (triton 3.9) also truncates fp32 -> bf16 instead of rounding to nearest even: round by hand there.
@@ -179,7 +181,8 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                  T, N, K,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, VEC: tl.constexpr,
-                 PREFETCH: tl.constexpr):
+                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -379,7 +382,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         part, cnt = out, out  # unused
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
         x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0), part, cnt,
-        T, N, K, **meta)
+        T, N, K, **meta, **launch_options(x))
     return out
 
 
@@ -398,4 +401,5 @@ def compile_ahead(T: int, N: int, K: int, dtype: torch.dtype, bias_dtype: torch.
     into Triton's on-disk cache (the benchmark does). Triton specializes on the same values ``gemv`` passes."""
     meta = _meta(cfg, T, dtype, bias_dtype is not None)
     part, cnt = (torch.float32, torch.int32) if cfg["SPLIT_K"] > 1 else (dtype, dtype)
-    _gemv_kernel.warmup(dtype, K, dtype, K, bias_dtype or dtype, dtype, N, part, cnt, T, N, K, grid=(1,), **meta)
+    _gemv_kernel.warmup(dtype, K, dtype, K, bias_dtype or dtype, dtype, N, part, cnt, T, N, K, grid=(1,), **meta,
+                        **launch_options(torch.empty(0, device="cuda")))

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 from mxmoe.core import mxfp4
 from mxmoe.core.backend import NotSupported
 from mxmoe.core.weights import ExpertLinear
@@ -449,7 +450,8 @@ def _mlp1_gemv_kernel(x_ptr, stride_x_t, idx_ptr,
                       h_ptr, stride_h_p,
                       NB, I, TOP_K, alpha, limit,
                       BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
-                      BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr):
+                      BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(idx_ptr + pid_p).to(tl.int64)
@@ -476,7 +478,8 @@ def _mlp2_gemv_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                       y_ptr, stride_y_p,
                       NB, D,
                       BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
-                      BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr):
+                      BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(idx_ptr + pid_p).to(tl.int64)
@@ -649,7 +652,9 @@ def _mlp1_gemv_split_kernel(x_ptr, stride_x_t, idx_ptr,
                             h_ptr, stride_h_p, part_ptr, cnt_ptr,
                             NB, I, TOP_K, alpha, limit,
                             BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                            X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr):
+                            X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr,
+                            GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -699,7 +704,8 @@ def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                             NB, D, TOP_K,
                             BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                             FUSE_SUM: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr,
-                            PREFETCH: tl.constexpr):
+                            PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -860,7 +866,9 @@ def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
                          h_ptr, stride_h_p, part_ptr, cnt_ptr,
                          NB, I, TOP_K, alpha, limit,
                          BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                         X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr):
+                         X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr,
+                         GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -909,7 +917,8 @@ def _mlp2_gemv_st_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                          NB, D, TOP_K,
                          BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                          FUSE_SUM: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr,
-                         PREFETCH: tl.constexpr):
+                         PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -983,7 +992,9 @@ def _store_tiles(tiles_ptr, MAX_TILES, counts, starts, offs_e, E, BLOCK_T: tl.co
 
 @triton.jit
 def _routing_kernel(idx_ptr, P, E, order_ptr, tiles_ptr, MAX_TILES,
-                    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
+                    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
+                    GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.zeros([BLOCK_E], tl.int32)
     for p0 in range(0, P, BLOCK_P):
@@ -1022,7 +1033,8 @@ def moe_routing(expert_indices: torch.Tensor, num_experts: int, block_t: int):
     block_p = max(16, min(triton.next_power_of_2(P), 8192 // block_e))
     _routing_kernel[(1,)](expert_indices, P, num_experts, order, tiles, max_tiles,
                           BLOCK_T=block_t, BLOCK_P=block_p, BLOCK_E=block_e,
-                          BLOCK_M=max(16, min(triton.next_power_of_2(max_tiles), 8192 // block_e)), num_warps=4)
+                          BLOCK_M=max(16, min(triton.next_power_of_2(max_tiles), 8192 // block_e)), num_warps=4,
+                          **launch_options(expert_indices))
     return order, tiles
 
 
@@ -1172,7 +1184,8 @@ def _mlp1_dot_kernel(x_ptr, stride_x_t, order_ptr, tiles_ptr, MAX_TILES,
                      NB, I, TOP_K, alpha, limit,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
                      DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr, DEQ_BF16: tl.constexpr,
-                     PAIRS: tl.constexpr, SWAP: tl.constexpr):
+                     PAIRS: tl.constexpr, SWAP: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     start, end, e = _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS)
@@ -1236,7 +1249,8 @@ def _mlp2_dot_kernel(h_ptr, stride_h_r, order_ptr, tiles_ptr, MAX_TILES, ew_ptr,
                      NB, D,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
                      DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr, DEQ_BF16: tl.constexpr,
-                     PAIRS: tl.constexpr, SWAP: tl.constexpr):
+                     PAIRS: tl.constexpr, SWAP: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     start, end, e = _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS)
@@ -1283,7 +1297,9 @@ def _mlp2_dot_kernel(h_ptr, stride_h_r, order_ptr, tiles_ptr, MAX_TILES, ew_ptr,
 
 # out[t] = sum of the k rows y[t*k .. t*k+k-1]; BN outputs per program.
 @triton.jit
-def _sum_slots_kernel(y_ptr, stride_y_p, out_ptr, stride_o_t, D, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_slots_kernel(y_ptr, stride_y_p, out_ptr, stride_o_t, D, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                      GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1313,11 +1329,15 @@ CONFIGS = {
     # activation-stationary 21.9 us vs base 22.0, mlp2 base (no stationary config beat it).
     "gemv": dict(mlp1=dict(BLOCK_N=16, BLOCK_B=32, num_warps=4, PREFETCH=0, SPLIT_K=1, STATIONARY=True),
                  mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0)),
-    # "pairs": the dot kernels with one tile per (token, slot) pair (no routing); a guess until the H200 sweep.
+    # "pairs": the dot kernels with one tile per (token, slot) pair (no routing). Never the default: on the H200
+    # (moe_bf16.py, 2026-12-02) 95.8 us at T = 1 against the gemv's 34.6 (mlp1 59.6 us, mlp2 37.7).
     "pairs": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
                   mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True)),
-    "dot": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=128, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
-                mlp2=dict(BLOCK_N=128, BLOCK_B=2, num_warps=4, num_stages=4, JOIN=True)),
+    # "dot": the H200 sweep of 2026-12-02 (tests/benchmarks/gpu/moe_bf16.py) at T = 64: the bf16 decode with SWAP,
+    # op 315.7 us against 392.7 for the previous default (BN128 JOIN, fp16 -> fp32 decode). With fp32 activations
+    # (no bf16 decode) these tiles run the split-lane kernels.
+    "dot": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=False, SWAP=True),
+                mlp2=dict(BLOCK_N=128, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=False, SWAP=True)),
     "prefill": dict(BLOCK_T=128, mlp1=dict(BLOCK_N=128, BLOCK_B=2, num_warps=8, num_stages=4, JOIN=True),
                     mlp2=dict(BLOCK_N=128, BLOCK_B=4, num_warps=8, num_stages=3, JOIN=False)),
 }
@@ -1366,7 +1386,7 @@ def launch_mlp1_gemv(x, idx, w: MoEWeights, h, cfg, alpha, limit):
         _pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
         h, I // 32, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=x.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
-        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"])
+        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(x))
 
 
 def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
@@ -1375,7 +1395,7 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
         _pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
         y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
-        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"])
+        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(h))
 
 
 def gemv_family(cfg: dict) -> str:
@@ -1430,7 +1450,7 @@ def launch_mlp1_gemv_split(x, idx, w: MoEWeights, h, cfg, alpha, limit):
         _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
         *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
-        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"])
+        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(x))
 
 
 def launch_mlp2_gemv_split(h, idx, ew, w: MoEWeights, y, out, cfg):
@@ -1447,7 +1467,7 @@ def launch_mlp2_gemv_split(h, idx, ew, w: MoEWeights, y, out, cfg):
         w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
         X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)),
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], **launch_options(h))
 
 
 def _check_st(cfg: dict):
@@ -1465,7 +1485,7 @@ def launch_mlp1_gemv_st(x, idx, w: MoEWeights, h, cfg, alpha, limit):
         _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
         *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
-        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"])
+        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"], **launch_options(x))
 
 
 def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
@@ -1483,7 +1503,7 @@ def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
         w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
         X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)),
-        num_warps=cfg["num_warps"])
+        num_warps=cfg["num_warps"], **launch_options(h))
 
 
 def launch_mlp1_gemv_any(x, idx, w: MoEWeights, h, cfg, alpha, limit):
@@ -1544,7 +1564,7 @@ def launch_mlp1_dot(x, order, tiles, k, w: MoEWeights, h, block_t, cfg, alpha, l
         BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t, BLOCK_B=cfg["BLOCK_B"], X_BF16=x.dtype == torch.bfloat16,
         DOT_F32=_INTERPRET or x.dtype != torch.bfloat16, BIG_SCALES=w.big_scales, JOIN=join,
         DEQ_BF16=_deq_bf16(cfg, join, x, w), PAIRS=pairs, SWAP=_swap(cfg, join, x, w), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 3))
+        num_stages=cfg.get("num_stages", 3), **launch_options(x))
 
 
 def launch_mlp2_dot(h, order, tiles, ew, w: MoEWeights, y, block_t, cfg, pairs=False):
@@ -1558,13 +1578,14 @@ def launch_mlp2_dot(h, order, tiles, ew, w: MoEWeights, y, block_t, cfg, pairs=F
         BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t, BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16,
         DOT_F32=_INTERPRET or h.dtype != torch.bfloat16, BIG_SCALES=w.big_scales, JOIN=join,
         DEQ_BF16=_deq_bf16(cfg, join, h, w), PAIRS=pairs, SWAP=_swap(cfg, join, h, w), num_warps=cfg["num_warps"],
-        num_stages=cfg.get("num_stages", 3))
+        num_stages=cfg.get("num_stages", 3), **launch_options(h))
 
 
 def launch_sum_slots(y, out, k):
     T, D = out.shape
     block = min(1024, triton.next_power_of_2(D))
-    _sum_slots_kernel[(T, triton.cdiv(D, block))](y, D // 32, out, D // 32, D, TOP_K=k, BLOCK_N=block, num_warps=4)
+    _sum_slots_kernel[(T, triton.cdiv(D, block))](y, D // 32, out, D // 32, D, TOP_K=k, BLOCK_N=block, num_warps=4,
+        **launch_options(y))
 
 
 def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: float, swiglu_limit: float,

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
+
 # Triton decides at decoration time (module import) whether kernels are interpreted; so do we.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
@@ -51,7 +53,9 @@ def _rtne_bf16(x):
 
 # ids (T,) into table (V, D) → out (T, D): one program per (token, BLOCK_D columns)
 @triton.jit
-def _embedding_kernel(ids_ptr, table_ptr, out_ptr, D, stride_table_v, stride_out_t, BLOCK_D: tl.constexpr):
+def _embedding_kernel(ids_ptr, table_ptr, out_ptr, D, stride_table_v, stride_out_t, BLOCK_D: tl.constexpr,
+                      GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     token = tl.load(ids_ptr + pid_t).to(tl.int64)  # V * D can exceed 2^31
@@ -72,7 +76,8 @@ def embedding(token_ids: torch.Tensor, weight: torch.Tensor, out: torch.Tensor |
         return out
     BLOCK_D = min(triton.next_power_of_2(D), 1024)
     grid = (T, triton.cdiv(D, BLOCK_D))
-    _embedding_kernel[grid](token_ids, weight, out, D, weight.stride(0), out.stride(0), BLOCK_D=BLOCK_D)
+    _embedding_kernel[grid](token_ids, weight, out, D, weight.stride(0), out.stride(0), BLOCK_D=BLOCK_D,
+        **launch_options(token_ids))
     return out
 
 
@@ -86,7 +91,8 @@ def embedding_ref(token_ids: torch.Tensor, weight: torch.Tensor, out: torch.Tens
 # x (T, D), scale (D,) → out (T, D): one program per row; sum of squares and scaling in float32
 @triton.jit
 def _rms_norm_kernel(x_ptr, scale_ptr, out_ptr, D, eps, stride_x_t, stride_out_t,
-                     BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr):
+                     BLOCK_D: tl.constexpr, ROUND_BF16: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + pid_t * stride_x_t
     out_row = out_ptr + pid_t * stride_out_t
@@ -119,7 +125,8 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, out: torch.Tensor
         return out
     BLOCK_D = min(triton.next_power_of_2(D), 4096)
     _rms_norm_kernel[(T,)](x, scale, out, D, float(eps), x.stride(0), out.stride(0), BLOCK_D=BLOCK_D,
-                           ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_D >= 2048 else 4)
+                           ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_D >= 2048 else 4,
+                           **launch_options(x))
     return out
 
 
@@ -154,7 +161,9 @@ def _rounded_sum(x_row, delta_row, offs_d, mask_d, dtype: tl.constexpr, ROUND_BF
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
                          stride_x_t, stride_delta_t, stride_s_t, stride_h_t,
-                         BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, ROUND_BF16: tl.constexpr):
+                         BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, ROUND_BF16: tl.constexpr,
+                         GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + pid_t * stride_x_t
     delta_row = delta_ptr + pid_t * stride_delta_t
@@ -209,7 +218,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps:
     BLOCK_D = block_d or min(triton.next_power_of_2(D), 4096)
     _add_rms_norm_kernel[(T,)](x, delta, scale, s, h, D, float(eps), x.stride(0), delta.stride(0), s.stride(0),
                                h.stride(0), BLOCK_D=BLOCK_D, ONE_PASS=D <= BLOCK_D,
-                               ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_D >= 2048 else 4)
+                               ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_D >= 2048 else 4,
+                               **launch_options(x))
     return s, h
 
 
@@ -324,7 +334,8 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, weights_ptr, indices_ptr, T, E, stride_l_t, stride_w_t, stride_i_t,
                          K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                         ROUND_BF16: tl.constexpr):
+                         ROUND_BF16: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
@@ -380,7 +391,7 @@ def topk_softmax(logits: torch.Tensor, top_k: int,
     _topk_softmax_kernel[(triton.cdiv(T, BLOCK_T),)](
         logits, weights, indices, T, E, logits.stride(0), weights.stride(0), indices.stride(0),
         K=top_k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(top_k),
-        ROUND_BF16=_round_bf16_in_software(logits.dtype))
+        ROUND_BF16=_round_bf16_in_software(logits.dtype), **launch_options(logits))
     return weights, indices
 
 

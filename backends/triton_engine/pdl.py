@@ -1,0 +1,50 @@
+"""Programmatic dependent launch (PDL) for the ``triton`` engine's decode kernels (Hopper and later).
+
+A decode step is ~240 small kernels in one CUDA graph; between two of them the GPU drains the first grid, then
+launches and ramps up the next (~0.7 us a kernel on the H200, 0.16 ms a step). With PDL a kernel is launched
+while its predecessor still runs: every program first signals that its own dependents may launch
+(``griddepcontrol.launch_dependents``), then waits until the predecessor grid has completed and its writes are
+visible (``griddepcontrol.wait``), and only then reads or writes anything. Static data (weights) may be read
+before the wait. The rule that keeps this correct: **a kernel launched with ``launch_pdl`` calls
+:func:`wait_for_predecessor` before touching any activation, cache or output** (its predecessor completes only
+after passing its own wait, so the ordering holds along the whole chain). Kernels launched without PDL are
+ordered by the stream as usual, whatever they follow.
+
+``launch_options(t)`` is what a launcher adds to a kernel call: ``GDC=True`` (the kernel's constexpr that compiles
+the wait in) and ``launch_pdl=True`` on a CUDA device of compute capability >= 9.0 outside the interpreter, else
+``GDC=False`` alone. ``MXMOE_TRITON_PDL=0`` turns it off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import cuda as _cuda
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _enabled(device_index: int) -> bool:
+    if _INTERPRET or os.environ.get("MXMOE_TRITON_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def launch_options(t: torch.Tensor) -> dict:
+    """Keyword arguments for a kernel launch whose inputs live where ``t`` does (see the module docstring)."""
+    if t.is_cuda and _enabled(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+        return dict(GDC=True, launch_pdl=True)
+    return dict(GDC=False)
+
+
+@triton.jit
+def wait_for_predecessor(GDC: tl.constexpr):
+    # Let the next kernel launch now (it waits in turn), then wait for the previous one.
+    if GDC:
+        _cuda.gdc_launch_dependents()
+        _cuda.gdc_wait()
