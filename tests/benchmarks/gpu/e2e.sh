@@ -40,6 +40,23 @@ open(p, "w").write(s)
 print("selected:", line.strip())
 PY
       ;;
+    dot-sweep)  # the batch-decode MoE tiles at T = 64 (moe_bf16.py --sweep64); writes dot_best.json if one beat the default
+      timeout ${TDOT:-240} python3 tests/benchmarks/gpu/moe_bf16.py --sweep64 2>&1 | grep -v "^check" | tail -45 ;;
+    dot-winner)  # select dot_best.json's tiles in this copy (CONFIGS["dot"], two lines) and reinstall
+      [ -f "$OUT/dot_best.json" ] && python3 - "$OUT/dot_best.json" <<'PY' && python3 -m pip install -q --no-index \
+          --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site . >/dev/null
+import json, re, sys
+best = json.load(open(sys.argv[1]))["config"]
+p = "backends/triton_engine/moe.py"
+s = open(p).read()
+line = (f'    "dot": dict(BLOCK_T={best["BLOCK_T"]}, mlp1=dict({", ".join(f"{k}={v!r}" for k, v in best["mlp1"].items())}),\n'
+        f'                mlp2=dict({", ".join(f"{k}={v!r}" for k, v in best["mlp2"].items())})),\n')
+s, n = re.subn(r'^    "dot": dict\([^\n]*\n {16}mlp2[^\n]*\n', line.replace("\\", "\\\\"), s, count=1, flags=re.M)
+assert n == 1, "CONFIGS['dot'] not found"
+open(p, "w").write(s)
+print("selected:", line.strip())
+PY
+      ;;
     bench20-b1)
       timeout ${T20:-200} $mx bench --shape gpt-oss-20b --backend triton \
         --backend triton,router=megablocks,experts=megablocks --peer none \

@@ -15,6 +15,9 @@ On the lent GPU machine, from the repository root:
    with the new decode against the workspace path (moe_prefill.py).
 
 Table to stdout and $OUT/moe_bf16.txt, every row also in $OUT/moe_bf16.json.
+``--sweep64``: only the routed dot path at T = 64 over tiles of the bf16-decode SWAP kernels (mlp1 and mlp2 side by
+side), then the best pair against the default at T = 8, 16, 32 and at E = 128.
+``--pairs``: also sweep the "pairs" path at T = 1 (slower than the gemv in run 1; off by default).
 ``--dry-run``: the code paths on a CPU under TRITON_INTERPRET=1 at tiny shapes (timings mean nothing).
 """
 
@@ -254,8 +257,44 @@ def graph_replay_pairs(cfg):
     ROWS.append(dict(check="graph replay pairs T=1", ok=same))
 
 
+# --sweep64: the dot kernels with the bf16 decode and SWAP at T = 64 (batch-64 decode), mlp1 and mlp2 tiles side by
+# side (each list is one variant per row; the first row is the default of CONFIGS["dot"]).
+SWEEP64_1 = [(64, 4, 4, 3), (64, 4, 4, 2), (64, 4, 4, 5), (32, 4, 4, 3), (32, 8, 4, 3), (64, 8, 8, 3), (64, 4, 8, 3),
+             (32, 4, 2, 3), (128, 4, 4, 4), (128, 4, 8, 4), (64, 4, 2, 4), (32, 8, 2, 4)]
+SWEEP64_2 = [(128, 4, 4, 3), (128, 4, 4, 4), (64, 4, 4, 4), (128, 4, 8, 3), (256, 4, 8, 3), (128, 8, 8, 3), (64, 8, 4, 3),
+             (32, 4, 4, 3), (128, 4, 4, 2), (256, 4, 8, 4), (64, 4, 2, 4), (128, 8, 4, 3)]
+if DRY:
+    SWEEP64_1, SWEEP64_2 = SWEEP64_1[:2], SWEEP64_2[:2]
+
+
+def sweep64():
+    cfgs1 = [dot_cfg(*c, swap=True) for c in SWEEP64_1]
+    cfgs2 = [dot_cfg(*c, swap=True) for c in SWEEP64_2]
+    default_us = op_case("T=64 E=32", 64, 32, "dot")
+    best = kernels_case("T=64 E=32", 64, 32, cfgs1, cfgs2, True)
+    if best:
+        log("best dot config at T=64:", json.dumps(best))
+        best_us = op_case("T=64 E=32", 64, 32, "dot", best)  # the whole op again, next to the default's
+        if default_us and best_us and best_us < default_us:
+            with open(os.path.join(OUT, "dot_best.json"), "w") as f:  # e2e.sh's dot-winner part selects it
+                json.dump(dict(config=best, us=best_us, default_us=default_us), f)
+        for T in (16, 32):
+            op_case(f"T={T} E=32", T, 32, "dot")
+            op_case(f"T={T} E=32", T, 32, "dot", best)
+        op_case("T=8 E=32", 8, 32, "gemv")
+        op_case("T=8 E=32", 8, 32, "dot", best)
+        op_case("T=64 E=128", 64, 128, "dot")
+        op_case("T=64 E=128", 64, 128, "dot", best)
+
+
 def main():
     log(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if not DRY else 'cpu'}")
+    if "--sweep64" in sys.argv:
+        sweep64()
+        with open(os.path.join(OUT, "moe_bf16.json"), "w") as f:
+            json.dump(ROWS, f, indent=1)
+        log(f"done in {time.time() - START:.0f} s")
+        return
     if not DRY:
         import pytest
         t = time.time()
