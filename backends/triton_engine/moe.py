@@ -1333,11 +1333,11 @@ CONFIGS = {
     # (moe_bf16.py, 2026-12-02) 95.8 us at T = 1 against the gemv's 34.6 (mlp1 59.6 us, mlp2 37.7).
     "pairs": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
                   mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True)),
-    # "dot": the H200 sweep of 2026-12-02 (tests/benchmarks/gpu/moe_bf16.py) at T = 64: the bf16 decode with SWAP,
-    # op 315.7 us against 392.7 for the previous default (BN128 JOIN, fp16 -> fp32 decode). With fp32 activations
-    # (no bf16 decode) these tiles run the split-lane kernels.
+    # "dot": the H200 sweeps of 2026-12-02 (tests/benchmarks/gpu/moe_bf16.py, NOTES-moe.md run 4) at T = 64: the bf16
+    # decode with SWAP, op 307.7 us against 392.7 for the previous default (BN128 JOIN, fp16 -> fp32 decode). With
+    # fp32 activations (no bf16 decode) these tiles run the split-lane kernels.
     "dot": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=False, SWAP=True),
-                mlp2=dict(BLOCK_N=128, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=False, SWAP=True)),
+                mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=2, num_stages=4, JOIN=False, SWAP=True)),
     "prefill": dict(BLOCK_T=128, mlp1=dict(BLOCK_N=128, BLOCK_B=2, num_warps=8, num_stages=4, JOIN=True),
                     mlp2=dict(BLOCK_N=128, BLOCK_B=4, num_warps=8, num_stages=3, JOIN=False)),
 }
