@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxmoe.backends.triton_engine.pdl import launch_options, prefetch_l2, wait_for_predecessor
+from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 
 # The interpreter's tl.dot on bf16 operands returns wrong values (FACTS.md): feed it fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -181,7 +181,8 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                  T, N, K,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, VEC: tl.constexpr,
-                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False, L2_LINES: tl.constexpr = 0):
+                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -193,10 +194,6 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
     per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_s * per
     k_hi = tl.minimum(k_lo + per, K)
-    if L2_LINES > 0:  # with PDL: this program's weights into L2 while the previous kernel finishes (pdl.py)
-        cols = tl.minimum(k_lo + tl.arange(0, L2_LINES) * (VEC * 8), tl.maximum(k_hi - 1, 0))  # 128-byte lines
-        prefetch_l2(w_ptr + rows.to(tl.int64)[:, None] * stride_w_n + cols[None, :], GDC)
-    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     if USE_DOT:
         acc = _dot_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
                         BLOCK_T, BLOCK_N, BLOCK_K, DOT_F32)
@@ -385,21 +382,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         part, cnt = out, out  # unused
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
         x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0), part, cnt,
-        T, N, K, **meta, **_pdl_options(x, meta, K))
+        T, N, K, **meta, **launch_options(x))
     return out
-
-
-# MXMOE_TRITON_GEMV_L2_PREFETCH=0 turns the weights' L2 prefetch before the PDL wait off (for comparisons).
-_L2_PREFETCH = os.environ.get("MXMOE_TRITON_GEMV_L2_PREFETCH", "1") != "0"
-
-
-def _pdl_options(x: torch.Tensor, meta: dict, K: int) -> dict:
-    # pdl.launch_options, plus the number of 128-byte lines of one program's K range for the L2 prefetch.
-    opts = launch_options(x)
-    if opts["GDC"] and _L2_PREFETCH:
-        per = triton.cdiv(triton.cdiv(K, meta["SPLIT_K"]), meta["BLOCK_K"]) * meta["BLOCK_K"]
-        opts["L2_LINES"] = triton.next_power_of_2(triton.cdiv(per, meta["VEC"] * 8))
-    return opts
 
 
 def _meta(cfg: dict, T: int, dtype: torch.dtype, has_bias: bool) -> dict:
@@ -418,4 +402,4 @@ def compile_ahead(T: int, N: int, K: int, dtype: torch.dtype, bias_dtype: torch.
     meta = _meta(cfg, T, dtype, bias_dtype is not None)
     part, cnt = (torch.float32, torch.int32) if cfg["SPLIT_K"] > 1 else (dtype, dtype)
     _gemv_kernel.warmup(dtype, K, dtype, K, bias_dtype or dtype, dtype, N, part, cnt, T, N, K, grid=(1,), **meta,
-                        **_pdl_options(torch.empty(0, device="cuda"), meta, K))
+                        **launch_options(torch.empty(0, device="cuda")))

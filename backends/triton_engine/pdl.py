@@ -10,9 +10,6 @@ before the wait. The rule that keeps this correct: **a kernel launched with ``la
 after passing its own wait, so the ordering holds along the whole chain). Kernels launched without PDL are
 ordered by the stream as usual, whatever they follow.
 
-Weights a kernel will stream can be fetched into L2 before the wait (:func:`prefetch_l2`): while the predecessor
-finishes, HBM is otherwise idle, and the kernel's first loads then hit L2 instead of paying HBM latency.
-
 ``launch_options(t)`` is what a launcher adds to a kernel call: ``GDC=True`` (the kernel's constexpr that compiles
 the wait in) and ``launch_pdl=True`` on a CUDA device of compute capability >= 9.0 outside the interpreter, else
 ``GDC=False`` alone. ``MXMOE_TRITON_PDL=0`` turns it off (for comparisons).
@@ -51,11 +48,3 @@ def wait_for_predecessor(GDC: tl.constexpr):
     if GDC:
         _cuda.gdc_launch_dependents()
         _cuda.gdc_wait()
-
-
-@triton.jit
-def prefetch_l2(ptrs, GDC: tl.constexpr):
-    # One L2 prefetch per element of ptrs (give it one address per 128-byte line); static data only (see above).
-    if GDC:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
-                                  pack=1)
