@@ -56,11 +56,9 @@ SMALL = {
     "dot": dict(path="dot", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False),
                 mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False)),
     # Joined lanes with bf16 activations and scale bytes <= 128: the weights decoded straight into bf16
-    # (moe._slot_bf16); "pairs": the same kernels with one tile per (token, slot) pair and no routing tables.
+    # (moe._slot_bf16).
     "dot_bf16": dict(path="dot", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True),
                      mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=True)),
-    "pairs": dict(path="pairs", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True),
-                  mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=True)),
     # SWAP: the tokens as the products' A operand, the decoded weights as B (through shared memory on GPUs).
     "dot_swap": dict(path="dot", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False, SWAP=True),
                      mlp2=dict(BLOCK_N=32, BLOCK_B=4, num_warps=4, JOIN=False, SWAP=True)),
@@ -200,14 +198,13 @@ def test_routing_kernel_matches_stable_sort(T, E, k, block_t, pool):
                                            ("gemv_st1", 2, 160, 96, 2), ("gemv_st2", 8, 96, 64, 2),
                                            ("gemv_st_real", 1, 160, 64, 4),
                                            ("dot", 5, 96, 64, 4), ("dot", 20, 64, 96, 4), ("prefill", 3, 64, 96, 4),
-                                           ("dot_bf16", 20, 96, 96, 4), ("pairs", 1, 160, 64, 4),
-                                           ("dot_swap", 20, 96, 96, 4),
-                                           ("pairs", 3, 96, 96, 2)])
+                                           ("dot_bf16", 20, 96, 96, 4), ("dot_swap", 20, 96, 96, 4),
+                                           ("dot_swap", 3, 160, 64, 2)])
 def test_paths_match_the_torch_engine(path, T, D, I, k):
     E = 8
     mlp1, mlp2 = _experts(10 + T, E, D, I)
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
-    assert w.small_scales  # Gaussians quantize to scale bytes < 128: the bf16 decode is what dot_bf16/pairs run
+    assert w.small_scales  # Gaussians quantize to scale bytes < 128: the bf16 decode is what dot_bf16/dot_swap run
     g = torch.Generator().manual_seed(T)
     x = torch.randn(T, D, generator=g).to(torch.bfloat16)
     ew, idx = _routing(T, T, E, k)
@@ -277,18 +274,18 @@ def _extreme_inputs(scale_bytes: list[int], seed: int):
 
 
 @pytest.mark.parametrize("scale_bytes", [[0, 1], [0, 1, 254]])
-@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "pairs"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_swap"])
 def test_e8m0_extreme_scales(scale_bytes, path):
     mlp1, mlp2, x, ew, idx = _extreme_inputs(scale_bytes, 20 + len(scale_bytes))
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
     assert w.big_scales == (254 in scale_bytes)  # both scaling variants of the kernels are exercised
-    assert w.small_scales == (254 not in scale_bytes)  # bytes 0 and 1 through the bf16 decode of "pairs"
+    assert w.small_scales == (254 not in scale_bytes)  # bytes 0 and 1 through the bf16 decode of "dot_swap"
     ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
     assert ref.isfinite().all()
     _check(_run(x, ew, idx, w, path), ref, spread)
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "pairs"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_swap"])
 def test_nan_scale_poisons_exactly_the_affected_outputs(path):
     E, k, T, D, I = 4, 1, 6, 64, 64
     mlp1, mlp2 = _experts(30, E, D, I)
@@ -426,7 +423,7 @@ def _exact_subnormal_inputs(T: int):
     return mlp1, mlp2, x, ew, idx
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_bf16", "dot_swap", "pairs", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_bf16", "dot_swap", "prefill"])
 def test_exact_zeros_and_subnormal_outputs(path):
     # Bitwise equal to the float64 oracle, which is exact here: the interpreter once returned 1.17e-38 (bf16 bits
     # 0x007F) for exact zeros, from rounding by hand into an fp32 subnormal and its conversion of subnormals.

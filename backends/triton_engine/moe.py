@@ -1158,21 +1158,6 @@ def _w_masks(mask_n, mask_b, SWAP: tl.constexpr):
     return mask_w, mask_s
 
 
-@triton.jit
-def _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS: tl.constexpr):
-    # The sorted positions [start, end) and the expert of tile pid_m: from moe_routing's tables, or with PAIRS (no
-    # routing: a few tokens) the one pair pid_m, whose expert id order_ptr (then the indices) holds.
-    if PAIRS:
-        start = pid_m
-        end = pid_m + 1
-        e = tl.load(order_ptr + pid_m).to(tl.int64)
-    else:
-        start = tl.load(tiles_ptr + MAX_TILES + pid_m).to(tl.int32)
-        end = tl.load(tiles_ptr + 2 * MAX_TILES + pid_m).to(tl.int32)
-        e = tl.load(tiles_ptr + pid_m).to(tl.int64)
-    return start, end, e
-
-
 # One tile of BT pairs of one expert x BN SwiGLU outputs (BN gate + BN linear rows); BB blocks of 32 per K step.
 # acc [BN, BT] = W [BN, K] @ X^T [K, BT]: weights are the wide operand, tokens the narrow one.
 @triton.jit
@@ -1184,19 +1169,18 @@ def _mlp1_dot_kernel(x_ptr, stride_x_t, order_ptr, tiles_ptr, MAX_TILES,
                      NB, I, TOP_K, alpha, limit,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
                      DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr, DEQ_BF16: tl.constexpr,
-                     PAIRS: tl.constexpr, SWAP: tl.constexpr, GDC: tl.constexpr = False):
+                     SWAP: tl.constexpr, GDC: tl.constexpr = False):
     wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    start, end, e = _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS)
+    start = tl.load(tiles_ptr + MAX_TILES + pid_m)
+    end = tl.load(tiles_ptr + 2 * MAX_TILES + pid_m)
     if start >= end:  # a tile slot past the real tile count
         return
+    e = tl.load(tiles_ptr + pid_m).to(tl.int64)
     offs_r = start + tl.arange(0, BLOCK_T)
     mask_r = offs_r < end
-    if PAIRS:
-        tok = offs_r // TOP_K
-    else:
-        tok = tl.load(order_ptr + offs_r, mask=mask_r, other=0) // TOP_K
+    tok = tl.load(order_ptr + offs_r, mask=mask_r, other=0) // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     offs_b = tl.arange(0, BLOCK_B)
@@ -1249,19 +1233,18 @@ def _mlp2_dot_kernel(h_ptr, stride_h_r, order_ptr, tiles_ptr, MAX_TILES, ew_ptr,
                      NB, D,
                      BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
                      DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr, JOIN: tl.constexpr, DEQ_BF16: tl.constexpr,
-                     PAIRS: tl.constexpr, SWAP: tl.constexpr, GDC: tl.constexpr = False):
+                     SWAP: tl.constexpr, GDC: tl.constexpr = False):
     wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    start, end, e = _dot_tile(order_ptr, tiles_ptr, MAX_TILES, pid_m, PAIRS)
+    start = tl.load(tiles_ptr + MAX_TILES + pid_m)
+    end = tl.load(tiles_ptr + 2 * MAX_TILES + pid_m)
     if start >= end:
         return
+    e = tl.load(tiles_ptr + pid_m).to(tl.int64)
     offs_r = start + tl.arange(0, BLOCK_T)
     mask_r = offs_r < end
-    if PAIRS:
-        pair = offs_r
-    else:
-        pair = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
+    pair = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
     offs_b = tl.arange(0, BLOCK_B)
@@ -1329,10 +1312,6 @@ CONFIGS = {
     # activation-stationary 21.9 us vs base 22.0, mlp2 base (no stationary config beat it).
     "gemv": dict(mlp1=dict(BLOCK_N=16, BLOCK_B=32, num_warps=4, PREFETCH=0, SPLIT_K=1, STATIONARY=True),
                  mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0)),
-    # "pairs": the dot kernels with one tile per (token, slot) pair (no routing). Never the default: on the H200
-    # (moe_bf16.py, 2026-12-02) 95.8 us at T = 1 against the gemv's 34.6 (mlp1 59.6 us, mlp2 37.7).
-    "pairs": dict(BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True),
-                  mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, num_stages=3, JOIN=True)),
     # "dot": the H200 sweeps of 2026-12-02 (tests/benchmarks/gpu/moe_bf16.py, NOTES-moe.md run 4) at T = 64: the bf16
     # decode with SWAP, op 307.7 us against 392.7 for the previous default (BN128 JOIN, fp16 -> fp32 decode). With
     # fp32 activations (no bf16 decode) these tiles run the split-lane kernels.
@@ -1552,32 +1531,27 @@ def _swap(cfg: dict, join: bool, x: torch.Tensor, w: MoEWeights) -> bool:
     return bool(cfg.get("SWAP", False)) and _deq_bf16(cfg, join, x, w)
 
 
-def launch_mlp1_dot(x, order, tiles, k, w: MoEWeights, h, block_t, cfg, alpha, limit, pairs=False):
-    """``pairs``: no routing tables (order = the (T, k) expert indices, tiles unused): one tile per pair."""
-    D, I = w.hidden, w.intermediate
-    max_tiles = order.numel() if pairs else tiles.shape[1]
-    tiles = order if pairs else tiles
+def launch_mlp1_dot(x, order, tiles, k, w: MoEWeights, h, block_t, cfg, alpha, limit):
+    D, I, max_tiles = w.hidden, w.intermediate, tiles.shape[1]
     join = check_dot_config(cfg)
     _mlp1_dot_kernel[(max_tiles, triton.cdiv(I, cfg["BLOCK_N"]))](
         x if join else _pairs(x), D // 32, order, tiles, max_tiles, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
         *w.b1.stride()[:2], h, I // 32, D // 32, I, k, alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t, BLOCK_B=cfg["BLOCK_B"], X_BF16=x.dtype == torch.bfloat16,
         DOT_F32=_INTERPRET or x.dtype != torch.bfloat16, BIG_SCALES=w.big_scales, JOIN=join,
-        DEQ_BF16=_deq_bf16(cfg, join, x, w), PAIRS=pairs, SWAP=_swap(cfg, join, x, w), num_warps=cfg["num_warps"],
+        DEQ_BF16=_deq_bf16(cfg, join, x, w), SWAP=_swap(cfg, join, x, w), num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3), **launch_options(x))
 
 
-def launch_mlp2_dot(h, order, tiles, ew, w: MoEWeights, y, block_t, cfg, pairs=False):
-    D, I = w.hidden, w.intermediate
-    max_tiles = order.numel() if pairs else tiles.shape[1]
-    tiles = order if pairs else tiles
+def launch_mlp2_dot(h, order, tiles, ew, w: MoEWeights, y, block_t, cfg):
+    D, I, max_tiles = w.hidden, w.intermediate, tiles.shape[1]
     join = check_dot_config(cfg)
     _mlp2_dot_kernel[(max_tiles, triton.cdiv(D, cfg["BLOCK_N"]))](
         h if join else _pairs(h), I // 32, order, tiles, max_tiles, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2,
         w.b2.stride(0), y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_T=block_t, BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16,
         DOT_F32=_INTERPRET or h.dtype != torch.bfloat16, BIG_SCALES=w.big_scales, JOIN=join,
-        DEQ_BF16=_deq_bf16(cfg, join, h, w), PAIRS=pairs, SWAP=_swap(cfg, join, h, w), num_warps=cfg["num_warps"],
+        DEQ_BF16=_deq_bf16(cfg, join, h, w), SWAP=_swap(cfg, join, h, w), num_warps=cfg["num_warps"],
         num_stages=cfg.get("num_stages", 3), **launch_options(h))
 
 
@@ -1621,7 +1595,7 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
 
         return moe_prefill_dequant(x, ew, idx, w, swiglu_alpha, swiglu_limit, config=config, out=out)
     cfg = config or CONFIGS[path]
-    if path not in ("gemv", "pairs", "dot", "prefill"):
+    if path not in ("gemv", "dot", "prefill"):
         raise ValueError(f"moe_mxfp4: unknown path {path!r}")
     h = _buffer((T * k, w.intermediate), x.dtype, x.device)  # SwiGLU(mlp1) per pair, in x's dtype
     fused = (path == "gemv" and gemv_family(cfg["mlp2"]) != "base" and bool(cfg["mlp2"].get("FUSE_SUM", False)))
@@ -1630,9 +1604,6 @@ def moe_mxfp4(x, expert_weights, expert_indices, w: MoEWeights, swiglu_alpha: fl
         launch_mlp1_gemv_any(x, idx, w, h, cfg["mlp1"], swiglu_alpha, swiglu_limit)
         if launch_mlp2_gemv_any(h, idx, ew, w, y, out, cfg["mlp2"]):  # the token's last mlp2 program wrote out
             return out
-    elif path == "pairs":  # the dot kernels, one tile per (token, slot) pair: no routing
-        launch_mlp1_dot(x, idx, None, k, w, h, cfg["BLOCK_T"], cfg["mlp1"], swiglu_alpha, swiglu_limit, pairs=True)
-        launch_mlp2_dot(h, idx, None, ew, w, y, cfg["BLOCK_T"], cfg["mlp2"], pairs=True)
     else:
         order, tiles = moe_routing(idx, w.num_experts, cfg["BLOCK_T"])
         launch_mlp1_dot(x, order, tiles, k, w, h, cfg["BLOCK_T"], cfg["mlp1"], swiglu_alpha, swiglu_limit)

@@ -6,18 +6,18 @@ On the lent GPU machine, from the repository root:
 
 1. Correctness: tests/test_triton_moe.py on the GPU (it covers the bf16 decode: scale bytes 0/1, NaN scales, the
    float64 oracle), then at the real shapes (D = I = 2880, k = 4) every variant timed below against
-   ``moe_mxfp4_ref``, and the "pairs" path replayed from a CUDA graph against eager.
+   ``moe_mxfp4_ref``.
 2. The device's copy bandwidth, measured in the same run.
 3. Timings (median of CUDA-graph replays, the L2 refilled with clean data before each, as moe_kernels.py does):
-   T = 1 (E = 32 and 128): the default gemv kernels against the "pairs" path (the dot kernels, one tile per
-   (token, slot) pair, no routing) over a sweep of tiles; T = 4, 8: gemv, pairs, and the routed dot path; T = 64:
-   the routed dot path with the old decode (DEQ_BF16 off) and the new one; T = 2048: the in-register prefill path
-   with the new decode against the workspace path (moe_prefill.py).
+   T = 1 (E = 32 and 128): the default gemv kernels; T = 4, 8: the gemv and the routed dot path (SWAP and not);
+   T = 64: the routed dot path with the old decode (DEQ_BF16 off) and the new one, SWAP and not; T = 2048: the
+   in-register prefill path with the new decode (SWAP and not) against the workspace path (moe_prefill.py).
+   (Run 1 also timed a "pairs" path, the dot kernels with one tile per (token, slot) pair and no routing: 95.8 us
+   at T = 1 against the gemv's 34.6; removed since, see NOTES-moe.md run 4.)
 
 Table to stdout and $OUT/moe_bf16.txt, every row also in $OUT/moe_bf16.json.
 ``--sweep64``: only the routed dot path at T = 64 over tiles of the bf16-decode SWAP kernels (mlp1 and mlp2 side by
 side), then the best pair against the default at T = 8, 16, 32 and at E = 128.
-``--pairs``: also sweep the "pairs" path at T = 1 (slower than the gemv in run 1; off by default).
 ``--dry-run``: the code paths on a CPU under TRITON_INTERPRET=1 at tiny shapes (timings mean nothing).
 """
 
@@ -159,19 +159,15 @@ def name(c) -> str:
         "" if c.get("DEQ_BF16", True) else " old-decode") + (" swap" if c.get("SWAP") else "")
 
 
-# Tiles at T = 1 (mlp1 N = I = 2880 outputs of 2 matrices, mlp2 N = D = 2880): BN 64 gives 45 tiles x 4 pairs.
-PAIRS1 = [(64, 4, 4, 3), (64, 8, 4, 3), (64, 8, 4, 2), (64, 4, 4, 4), (128, 4, 4, 3), (128, 8, 8, 3), (128, 4, 8, 4)]
-PAIRS2 = [(64, 4, 4, 3), (64, 8, 4, 3), (64, 8, 4, 2), (64, 4, 4, 4), (128, 4, 4, 3), (128, 8, 8, 3), (64, 2, 4, 4)]
 DOT64 = [(128, 4, 4, 3), (64, 4, 4, 3, True, True), (128, 4, 4, 3, True, True), (64, 8, 4, 3, True, True),
          (128, 4, 8, 3, True, True), (64, 4, 4, 4, True, True)]
 if DRY:
-    PAIRS1 = PAIRS2 = [(64, 2, 4, 2)]
     DOT64 = [(64, 2, 4, 2), (64, 4, 4, 2, True, True)]
 
 
-def kernels_case(case, T, E, cfgs1, cfgs2, routed: bool, extra_old: bool = False):
-    """Times mlp1 and mlp2 of the pairs (routed=False) or the routed dot path with each config; returns the best
-    op config and checks every config's op against the spec."""
+def kernels_case(case, T, E, cfgs1, cfgs2, extra_old: bool = False):
+    """Times mlp1 and mlp2 of the routed dot path with each config (pairs of cfgs1, cfgs2), after checking each
+    config's op against the spec; returns the best config (each layer's fastest), timed as a whole op."""
     g = torch.Generator(device=DEV).manual_seed(100 + T + E)
     w = layer(E)
     x = torch.randn(T, D, device=DEV, generator=g).to(torch.bfloat16)
@@ -182,12 +178,9 @@ def kernels_case(case, T, E, cfgs1, cfgs2, routed: bool, extra_old: bool = False
     y = torch.empty(T * K, D, dtype=torch.float32, device=DEV)
     out = torch.empty(T, D, dtype=torch.bfloat16, device=DEV)
     ref = moe.moe_mxfp4_ref(x, ew, idx, w, ALPHA, LIMIT)
-    path = "dot" if routed else "pairs"
-    if routed:
-        order, tiles = moe.moe_routing(idx, E, 16)
-        row(case, "routing BT16", guarded("routing", lambda: bench_us(lambda: moe.moe_routing(idx, E, 16))))
-    else:
-        order, tiles = idx, None
+    path = "dot"
+    order, tiles = moe.moe_routing(idx, E, 16)
+    row(case, "routing BT16", guarded("routing", lambda: bench_us(lambda: moe.moe_routing(idx, E, 16))))
     best1, best2 = (1e9, None), (1e9, None)
     variants = [(c1, c2) for c1, c2 in zip(cfgs1, cfgs2)]
     if extra_old:
@@ -204,10 +197,10 @@ def kernels_case(case, T, E, cfgs1, cfgs2, routed: bool, extra_old: bool = False
         if not check(f"{case} {path} {name(c1)} / {name(c2)}", o, ref):
             continue
         us1 = row(case, f"{path} mlp1 {name(c1)}", guarded("mlp1", lambda: bench_us(
-            lambda: moe.launch_mlp1_dot(x, order, tiles, K, w, h, 16, c1, ALPHA, LIMIT, pairs=not routed))), b1,
+            lambda: moe.launch_mlp1_dot(x, order, tiles, K, w, h, 16, c1, ALPHA, LIMIT))), b1,
             flops * 2 / 3)
         us2 = row(case, f"{path} mlp2 {name(c2)}", guarded("mlp2", lambda: bench_us(
-            lambda: moe.launch_mlp2_dot(h, order, tiles, ew, w, y, 16, c2, pairs=not routed))), b2, flops / 3)
+            lambda: moe.launch_mlp2_dot(h, order, tiles, ew, w, y, 16, c2))), b2, flops / 3)
         if us1 and us1 < best1[0] and c1.get("DEQ_BF16", True):
             best1 = (us1, c1)
         if us2 and us2 < best2[0] and c2.get("DEQ_BF16", True):
@@ -238,25 +231,6 @@ def op_case(case, T, E, path, cfg=None):
     return row(case, f"op {label}", guarded("op", lambda: bench_us(fn)), b1 + b2, 2.0 * T * K * 3 * D * I)
 
 
-def graph_replay_pairs(cfg):
-    g = torch.Generator(device=DEV).manual_seed(7)
-    w = layer(32)
-    x = torch.randn(1, D, device=DEV, generator=g).to(torch.bfloat16)
-    ew, idx = routing(1, 32, g)
-    out = torch.empty(1, D, dtype=torch.bfloat16, device=DEV)
-    moe.moe_mxfp4(x, ew, idx, w, ALPHA, LIMIT, path="pairs", config=cfg, out=out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        moe.moe_mxfp4(x, ew, idx, w, ALPHA, LIMIT, path="pairs", config=cfg, out=out)
-    x2 = torch.randn(1, D, device=DEV, generator=g).to(torch.bfloat16)
-    ew2, idx2 = routing(1, 32, g)
-    x.copy_(x2), ew.copy_(ew2), idx.copy_(idx2)
-    graph.replay()
-    same = bool(torch.equal(out, moe.moe_mxfp4(x2, ew2, idx2, w, ALPHA, LIMIT, path="pairs", config=cfg)))
-    log(f"graph replay pairs T=1 == eager: {same}")
-    ROWS.append(dict(check="graph replay pairs T=1", ok=same))
-
-
 # --sweep64: the dot kernels with the bf16 decode and SWAP at T = 64 (batch-64 decode), mlp1 and mlp2 tiles side by
 # side (each list is one variant per row; the first row is the default of CONFIGS["dot"]).
 SWEEP64_1 = [(64, 4, 4, 3), (64, 4, 4, 2), (64, 4, 4, 5), (32, 4, 4, 3), (32, 8, 4, 3), (64, 8, 8, 3), (64, 4, 8, 3),
@@ -271,7 +245,7 @@ def sweep64():
     cfgs1 = [dot_cfg(*c, swap=True) for c in SWEEP64_1]
     cfgs2 = [dot_cfg(*c, swap=True) for c in SWEEP64_2]
     default_us = op_case("T=64 E=32", 64, 32, "dot")
-    best = kernels_case("T=64 E=32", 64, 32, cfgs1, cfgs2, True)
+    best = kernels_case("T=64 E=32", 64, 32, cfgs1, cfgs2)
     if best:
         log("best dot config at T=64:", json.dumps(best))
         best_us = op_case("T=64 E=32", 64, 32, "dot", best)  # the whole op again, next to the default's
@@ -304,29 +278,16 @@ def main():
         dst = torch.empty_like(src)
         row("ceiling", "device copy 1 GiB (read + write)", bench_us(lambda: dst.copy_(src)), 2 << 30)
         del src, dst
-    # T = 1: the default gemv, then the pairs sweep.
-    for E in (32, 128):
+    for E in (32, 128):  # T = 1: the default gemv
         op_case(f"T=1 E={E}", 1, E, "gemv")
-    best = None
-    if "--pairs" in sys.argv:  # run 1 (2026-12-02): 60 us against the gemv's 22 at best; not repeated by default
-        best = kernels_case("T=1 E=32", 1, 32, [dot_cfg(*c) for c in PAIRS1], [dot_cfg(*c) for c in PAIRS2],
-                            False, extra_old=True)
-    if best:
-        log("best pairs config at T=1:", json.dumps(best))
-        op_case("T=1 E=128", 1, 128, "pairs", best)
-        if not DRY:
-            graph_replay_pairs(best)
     for T in (4, 8):
         op_case(f"T={T} E=32", T, 32, "gemv")
-        if best:
-            op_case(f"T={T} E=32", T, 32, "pairs", best)
         op_case(f"T={T} E=32", T, 32, "dot")
         op_case(f"T={T} E=32", T, 32, "dot", dict(BLOCK_T=16, mlp1=dot_cfg(64, 4, 4, 3, swap=True),
                                                   mlp2=dot_cfg(64, 4, 4, 3, swap=True)))
     # T = 64: the routed dot path, old decode against new.
     op_case("T=64 E=32", 64, 32, "dot")
-    kernels_case("T=64 E=32", 64, 32, [dot_cfg(*c) for c in DOT64], [dot_cfg(*c) for c in DOT64], True,
-                 extra_old=True)
+    kernels_case("T=64 E=32", 64, 32, [dot_cfg(*c) for c in DOT64], [dot_cfg(*c) for c in DOT64], extra_old=True)
     # Prefill of 2k tokens: in-register path with the new decode against the workspace path.
     T = 64 if DRY else 2048
     op_case(f"T={T} E=32", T, 32, "prefill_dequant")
