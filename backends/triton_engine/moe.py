@@ -18,7 +18,11 @@ every launch):
 * ``dot`` (up to 64 tokens: tiles of 16 tokens of one expert) and ``prefill`` (tiles of 128): device routing (a stable counting sort of
   the pairs by expert and a static-size tile list, one program), then grouped matrix products on tensor
   cores with the dequantized weights as the wide operand and a tile of one expert's tokens as the narrow
-  one; mlp2 writes weighted per-pair rows and a tiny kernel sums each token's k rows.
+  one; mlp2 writes weighted per-pair rows and a tiny kernel sums each token's k rows. With bf16 activations
+  and scale bytes <= 128 (every real checkpoint) the weights are decoded straight into bf16 (``_slot_bf16``:
+  shifts and one bf16x2 multiply, no conversion instruction); with SWAP (the ``dot`` default) the tokens are
+  the products' A operand and the decoded weights the B operand ([K, BN] tiles loaded as [BB, 4, BN], so no
+  transpose), which the H200 ran 1.24x faster at T = 64 (NOTES-moe.md, run 4).
 
 The weight layout (made once by ``prepare_moe_weights``) is chosen for the decoder in registers: every
 32-value MXFP4 block is four 32-bit words, each holding 8 E2M1 codes with their magnitude and sign bits
