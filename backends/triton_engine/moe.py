@@ -22,7 +22,7 @@ every launch):
   and scale bytes <= 128 (every real checkpoint) the weights are decoded straight into bf16 (``_slot_bf16``:
   shifts and one bf16x2 multiply, no conversion instruction); with SWAP (the ``dot`` default) the tokens are
   the products' A operand and the decoded weights the B operand ([K, BN] tiles loaded as [BB, 4, BN], so no
-  transpose), which the H200 ran 1.24x faster at T = 64 (NOTES-moe.md, run 4).
+  transpose), which the H200 ran 1.28x faster at T = 64 (NOTES-moe.md, run 4).
 
 The weight layout (made once by ``prepare_moe_weights``) is chosen for the decoder in registers: every
 32-value MXFP4 block is four 32-bit words, each holding 8 E2M1 codes with their magnitude and sign bits
@@ -1053,8 +1053,8 @@ def _dot_slot(acc, w, s, x_ptr, x_offs, mask_x, SLOT: tl.constexpr, BLOCK_N: tl.
     # The slot's values are activations 32b + 8*SLOT + (0..7) of block b, as (word, lane) pairs. JOIN: interleave
     # the two lanes back (join + reshape) and take those 8 activations straight from memory, one product with K =
     # BB*8; else two products with K = BB*4 (even lanes with even activations, odd with odd), the activations
-    # read as element pairs and split with shifts, as in the gemv. DEQ_BF16 (bf16 activations, scale bytes <= 128,
-    # JOIN): the values are decoded straight into bf16 by _slot_bf16.
+    # read as element pairs and split with shifts, as in the gemv. DEQ_BF16 (bf16 activations, scale bytes <= 128;
+    # JOIN, or SWAP with split lanes): the values are decoded straight into bf16 by _slot_bf16.
     if DEQ_BF16:
         if SWAP:  # w [BB, 4, BN], s [BB, BN]; split lanes, K = BB*4 (block, word) per product
             tl.static_assert(not JOIN, "SWAP needs JOIN=False")
@@ -1103,9 +1103,9 @@ def _dot_slot_f32(acc, w, s, x_ptr, x_offs, mask_x, SLOT: tl.constexpr, BLOCK_N:
 def _dot_step(acc, w, s, x_ptr, x_offs, mask_x, X_SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
               BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, DOT_F32: tl.constexpr, BIG_SCALES: tl.constexpr,
               JOIN: tl.constexpr, DEQ_BF16: tl.constexpr, SWAP: tl.constexpr):
-    # acc [BN, BT] ([BT, BN] with SWAP) += the BB blocks of words w [BN, BB, 4] times their activations, one slot at a time. (Joining
-    # the four slots into one product with K = BB*32 was tried: triton 3.6 stages such operands through shared
-    # memory 16 bits at a time, or fails to compile them.)
+    # acc [BN, BT] ([BT, BN] with SWAP) += the BB blocks of words w [BN, BB, 4] ([BB, 4, BN] with SWAP) times
+    # their activations, one slot at a time. (Joining the four slots into one product with K = BB*32 was tried:
+    # triton 3.6 stages such operands through shared memory 16 bits at a time, or fails to compile them.)
     for slot in tl.static_range(4):
         acc = _dot_slot(acc, w, s, x_ptr, x_offs + X_SLOT * slot, mask_x, slot, BLOCK_N, BLOCK_T, BLOCK_B,
                         X_BF16, DOT_F32, BIG_SCALES, JOIN, DEQ_BF16, SWAP)
