@@ -34,9 +34,9 @@ if DRY:
 
 import torch  # noqa: E402
 
+import gpu_common  # noqa: E402 - beside this script
 from mxmoe.backends.triton_engine import moe  # noqa: E402
 from mxmoe.backends.triton_engine.moe_prefill import moe_prefill_dequant  # noqa: E402
-from mxmoe.core.weights import ExpertLinear  # noqa: E402
 
 START = time.time()
 BUDGET_S = 1e9 if DRY else 400  # later cases are skipped past this
@@ -57,24 +57,10 @@ def log(*args):
     TXT.flush()
 
 
-def random_mxfp4(E: int, N: int, K_: int, g) -> ExpertLinear:
-    """Uniform random codes (every code, +-0.5 included), scale bytes 117..121, bf16 biases."""
-    blocks = torch.randint(0, 256, (E, N, K_ // 32, 16), dtype=torch.uint8, device=DEV, generator=g)
-    scales = torch.randint(117, 122, (E, N, K_ // 32), dtype=torch.uint8, device=DEV, generator=g)
-    bias = (torch.randn(E, N, device=DEV, generator=g) * 0.1).to(torch.bfloat16)
-    return ExpertLinear(bias=bias, blocks=blocks, scales=scales)
-
-
-_LAYERS: dict = {}
-
-
 def layer(E: int) -> moe.MoEWeights:
-    if E not in _LAYERS:
-        g = torch.Generator(device=DEV).manual_seed(E)
-        _LAYERS[E] = moe.prepare_moe_weights(random_mxfp4(E, 2 * I, D, g), random_mxfp4(E, D, I, g),
-                                             torch.bfloat16, DEV)
-        assert _LAYERS[E].small_scales
-    return _LAYERS[E]
+    w = gpu_common.moe_layer(E, D, I, DEV)
+    assert w.small_scales  # scale bytes 117..121: the bf16 decode applies
+    return w
 
 
 def routing(T: int, E: int, g):
@@ -87,33 +73,8 @@ def routed_bytes(idx) -> tuple[int, int]:
     return n * 2 * I * (D // 2 + D // 32), n * D * (I // 2 + I // 32)
 
 
-_FLUSH: list = []
-
-
 def bench_us(fn) -> float:
-    """Median us of ``fn`` replayed from a CUDA graph, the L2 refilled with clean data (a 512 MB read) first."""
-    if DRY:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    if not _FLUSH:
-        _FLUSH.append(torch.ones(256 << 20, dtype=torch.float16, device=DEV))
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    reps = 40
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        _FLUSH[0].sum()
-        starts[i].record()
-        graph.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[reps // 2] * 1e3
+    return gpu_common.bench_us(fn, dry=DRY, reps=40)
 
 
 def row(case: str, variant: str, us: float | None, nbytes: int | None = None, flops: float | None = None):

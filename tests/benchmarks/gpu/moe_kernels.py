@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from mxmoe.backends.triton_engine import moe  # noqa: E402
-from mxmoe.core.weights import ExpertLinear  # noqa: E402
+import gpu_common  # noqa: E402 - beside this script
 
 START = time.time()
 BUDGET_S = 1e9 if DRY else 215  # the run's limit is 300 s with setup; later sweeps are skipped past this
@@ -77,29 +77,14 @@ def out_of_time() -> bool:
 
 # ---- inputs -----------------------------------------------------------------------------------------------------
 
-def random_mxfp4(E: int, N: int, K: int, g: torch.Generator) -> ExpertLinear:
-    """Uniform random codes, scale bytes 117..121 (weights ~ 2^-8 .. 6 * 2^-6: activations stay O(1)), bf16 bias."""
-    blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=DEV, generator=g)
-    scales = torch.randint(117, 122, (E, N, K // 32), dtype=torch.uint8, device=DEV, generator=g)
-    bias = (torch.randn(E, N, device=DEV, generator=g) * 0.1).to(torch.bfloat16)
-    return ExpertLinear(bias=bias, blocks=blocks, scales=scales)
-
-
 def routing(T: int, E: int, g: torch.Generator):
     idx = torch.stack([torch.randperm(E, device=DEV, generator=g)[:K_SLOTS] for _ in range(T)])
     ew = torch.softmax(torch.randn(T, K_SLOTS, device=DEV, generator=g), dim=-1)
     return ew, idx
 
 
-_LAYERS: dict = {}
-
-
 def layer(E: int) -> moe.MoEWeights:
-    if E not in _LAYERS:
-        g = torch.Generator(device=DEV).manual_seed(E)
-        _LAYERS[E] = moe.prepare_moe_weights(random_mxfp4(E, 2 * I, D, g), random_mxfp4(E, D, I, g),
-                                             torch.bfloat16, DEV)
-    return _LAYERS[E]
+    return gpu_common.moe_layer(E, D, I, DEV)
 
 
 def routed_bytes(w: moe.MoEWeights, idx: torch.Tensor) -> tuple[int, int]:
@@ -109,38 +94,9 @@ def routed_bytes(w: moe.MoEWeights, idx: torch.Tensor) -> tuple[int, int]:
 
 # ---- timing -------------------------------------------------------------------------------------------------------
 
-_FLUSH: list = []
-
-
 def bench_us(fn, reps: int | None = None) -> float:
-    """Median µs of one call of ``fn``, replayed from a CUDA graph, the L2 refilled with other (clean) data first."""
-    if DRY:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    if not _FLUSH:
-        _FLUSH.append(torch.ones(256 << 20, dtype=torch.float16, device=DEV))
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    once = (time.perf_counter() - t0) / 3
-    reps = reps or int(min(100, max(10, 0.02 / max(once, 1e-6))))  # ~20 ms of replays, 10..100 of them
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        _FLUSH[0].sum()  # reads 512 MB: evicts the weights, leaves nothing to write back
-        starts[i].record()
-        graph.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2] * 1e3
+    """Median us of one call of ``fn`` (gpu_common.bench_us: CUDA-graph replays, the L2 refilled first)."""
+    return gpu_common.bench_us(fn, dry=DRY, reps=reps)
 
 
 def record(case: str, variant: str, us: float, nbytes: int | None = None, flops: float | None = None, **extra):
@@ -231,7 +187,7 @@ def diagnose_small_tiles():
     wgmma) and BLOCK_T 32: each kernel variant here against moe_mxfp4_ref, on that test's inputs."""
     g = torch.Generator(device=DEV).manual_seed(5)
     E, k, T, Ds, Is = 16, 2, 40, 96, 64
-    mlp1, mlp2 = random_mxfp4(E, 2 * Is, Ds, g), random_mxfp4(E, Ds, Is, g)
+    mlp1, mlp2 = gpu_common.random_mxfp4(E, 2 * Is, Ds, g, DEV), gpu_common.random_mxfp4(E, Ds, Is, g, DEV)
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEV)
     x = torch.randn(T, Ds, device=DEV, generator=g).to(torch.bfloat16)
     idx = torch.stack([torch.tensor([12, e], device=DEV) for e in torch.randint(0, 12, (T,), generator=g,

@@ -34,7 +34,7 @@ if DRY:
 import torch  # noqa: E402
 
 from mxmoe.backends.triton_engine import moe, moe_prefill as mp  # noqa: E402
-from mxmoe.core.weights import ExpertLinear  # noqa: E402
+import gpu_common  # noqa: E402 - beside this script
 
 START = time.time()
 # Optional parts are skipped past these many seconds from the start: sweep entries (SWEEP_S), whole-path timings other
@@ -101,23 +101,8 @@ def row(case: str, what: str, us: float, nbytes: float | None = None, flops: flo
 
 # ---- inputs ----------------------------------------------------------------------------------------------------
 
-def random_mxfp4(E: int, N: int, K: int, g: torch.Generator) -> ExpertLinear:
-    """Uniform random codes, scale bytes 117..121 (weights ~ 2^-8 .. 6 * 2^-6: activations stay O(1)), bf16 bias."""
-    blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, device=DEV, generator=g)
-    scales = torch.randint(117, 122, (E, N, K // 32), dtype=torch.uint8, device=DEV, generator=g)
-    bias = (torch.randn(E, N, device=DEV, generator=g) * 0.1).to(torch.bfloat16)
-    return ExpertLinear(bias=bias, blocks=blocks, scales=scales)
-
-
-_LAYERS: dict = {}
-
-
 def layer(E: int) -> moe.MoEWeights:
-    if E not in _LAYERS:
-        g = torch.Generator(device=DEV).manual_seed(E)
-        _LAYERS[E] = moe.prepare_moe_weights(random_mxfp4(E, 2 * I, D, g), random_mxfp4(E, D, I, g),
-                                             torch.bfloat16, DEV)
-    return _LAYERS[E]
+    return gpu_common.moe_layer(E, D, I, DEV)
 
 
 def inputs(T: int, E: int, seed: int):
@@ -131,40 +116,9 @@ def inputs(T: int, E: int, seed: int):
 
 # ---- timing ------------------------------------------------------------------------------------------------------
 
-_FLUSH: list = []
-
-
 def bench_us(fn, reps: int | None = None) -> float:
-    """Median µs of ``fn`` replayed from a CUDA graph, the L2 refilled with other (clean) data before each replay."""
-    if DRY:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    if not _FLUSH:
-        _FLUSH.append(torch.ones(256 << 20, dtype=torch.float16, device=DEV))
-    fn()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    once = time.perf_counter() - t0
-    reps = reps or int(min(50, max(5, 0.05 / max(once, 1e-6))))  # ~50 ms of replays, 5..50 of them
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        _FLUSH[0].sum()  # reads 512 MB: evicts the weights, leaves nothing to write back
-        starts[i].record()
-        graph.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    del graph
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
-    return times[len(times) // 2] * 1e3
+    """Median us of ``fn`` (gpu_common.bench_us: CUDA-graph replays, the L2 refilled with clean data before each)."""
+    return gpu_common.bench_us(fn, dry=DRY, reps=reps, budget_s=0.05, max_reps=50)
 
 
 # ---- 1. ceilings ---------------------------------------------------------------------------------------------------
