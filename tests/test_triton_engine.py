@@ -297,6 +297,18 @@ def test_probe_cpu_needs_the_interpreter(monkeypatch):
     assert not TritonBackend().probe("mps").available
 
 
+def test_programmatic_dependent_launch_only_on_hopper_and_later(monkeypatch):
+    from mxmoe.backends.triton_engine import pdl
+    assert pdl.launch_options(torch.zeros(1)) == {"GDC": False}  # CPU tensors (the interpreter): no PDL
+    monkeypatch.setattr(pdl, "_INTERPRET", False)
+    for cc, env, want in (((8, 0), "1", False), ((9, 0), "1", True), ((10, 0), "1", True), ((9, 0), "0", False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, cc=cc: cc)
+        monkeypatch.setenv("MXMOE_TRITON_PDL", env)
+        pdl._enabled.cache_clear()
+        assert pdl._enabled(0) is want, (cc, env)
+    pdl._enabled.cache_clear()
+
+
 def _fake_cuda(monkeypatch, cc=(9, 0), available=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
