@@ -34,13 +34,6 @@ SMALL = {
                  mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, PREFETCH=2)),
     "gemv_loop": dict(path="gemv", mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0),
                       mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, PREFETCH=0)),
-    # The split kernels (SPLIT_K), activations prefetched with the weights: mlp1 K split 2 ways in steps of one
-    # block (3 + 2 steps at K = 5 blocks, prefetching 2 steps), mlp2 split 4 ways (empty splits at K <= 3 blocks)
-    # with the k-sum fused; and mlp1 unsplit, mlp2 split 2 ways and summed without fusing.
-    "gemv_split": dict(path="gemv", mlp1=dict(BLOCK_N=64, BLOCK_B=1, num_warps=4, PREFETCH=2, SPLIT_K=2),
-                       mlp2=dict(BLOCK_N=64, BLOCK_B=1, num_warps=4, PREFETCH=1, SPLIT_K=4, FUSE_SUM=True)),
-    "gemv_split1": dict(path="gemv", mlp1=dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0, SPLIT_K=1),
-                        mlp2=dict(BLOCK_N=64, BLOCK_B=1, num_warps=4, PREFETCH=1, SPLIT_K=2)),
     # The activation-stationary kernels (STATIONARY): lanes on K blocks. "gemv_st": mlp1 K split 2 ways in chunks of
     # 4 lanes (D = 160: 4 blocks + 1 block, the second chunk 3/4 masked), mlp2 split 4 ways (empty splits) with the
     # k-sum fused; "gemv_st1": one split, chunks of 2 blocks with the next one prefetched, mlp2 split 2 ways and
@@ -192,8 +185,7 @@ def test_routing_kernel_matches_stable_sort(T, E, k, block_t, pool):
 # ---- the op --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("path,T,D,I,k", [("gemv", 1, 160, 64, 4), ("gemv_loop", 2, 160, 96, 2),
-                                           ("gemv", 4, 192, 64, 4), ("gemv_split", 1, 160, 64, 4),
-                                           ("gemv_split", 2, 96, 96, 2), ("gemv_split1", 2, 160, 96, 2),
+                                           ("gemv", 4, 192, 64, 4),
                                            ("gemv_st", 1, 160, 64, 4), ("gemv_st", 2, 96, 96, 2),
                                            ("gemv_st1", 2, 160, 96, 2), ("gemv_st2", 8, 96, 64, 2),
                                            ("gemv_st_real", 1, 160, 64, 4),
@@ -233,7 +225,7 @@ def test_float32_activations_are_not_rounded():
     E, k, D, I = 4, 2, 64, 64
     mlp1, mlp2 = _experts(8, E, D, I)
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.float32, DEVICE)
-    for path, T in (("gemv", 3), ("gemv_split", 2), ("gemv_st1", 2), ("dot", 6)):
+    for path, T in (("gemv", 3), ("gemv_st", 2), ("gemv_st1", 2), ("dot", 6)):
         x = torch.randn(T, D, generator=torch.Generator().manual_seed(T))
         ew, idx = _routing(T, T, E, k)
         ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
@@ -274,7 +266,7 @@ def _extreme_inputs(scale_bytes: list[int], seed: int):
 
 
 @pytest.mark.parametrize("scale_bytes", [[0, 1], [0, 1, 254]])
-@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_swap"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_st", "dot", "dot_swap"])
 def test_e8m0_extreme_scales(scale_bytes, path):
     mlp1, mlp2, x, ew, idx = _extreme_inputs(scale_bytes, 20 + len(scale_bytes))
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
@@ -285,7 +277,7 @@ def test_e8m0_extreme_scales(scale_bytes, path):
     _check(_run(x, ew, idx, w, path), ref, spread)
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_swap"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_st", "dot", "dot_swap"])
 def test_nan_scale_poisons_exactly_the_affected_outputs(path):
     E, k, T, D, I = 4, 1, 6, 64, 64
     mlp1, mlp2 = _experts(30, E, D, I)
@@ -355,10 +347,10 @@ def test_default_path_choice_depends_on_shapes_only():
 
 
 @pytest.mark.parametrize("fused,unfused,bad", [
-    ("gemv_split", "gemv_split1", dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=3, SPLIT_K=2)),
-    ("gemv_st", "gemv_st1", dict(STATIONARY=True, BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=2, SPLIT_K=2))])
+    ("gemv_st", "gemv_st1", dict(STATIONARY=True, BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=2, SPLIT_K=2)),
+    ("gemv_st", "gemv_st1", dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0, SPLIT_K=2))])  # removed family
 def test_split_kernels_leave_counters_at_zero_and_repeat_bitwise(fused, unfused, bad):
-    # The split kernels' last program per tile resets its counter: a second call (as a CUDA-graph replay would)
+    # The K-split kernels' last program per tile resets its counter: a second call (as a CUDA-graph replay would)
     # must see all counters at 0 and give the same bits; the unfused and fused mlp2 agree to fp32 rounding.
     E, k, T, D, I = 6, 2, 2, 96, 64
     mlp1, mlp2 = _experts(50, E, D, I)
@@ -381,11 +373,11 @@ def test_split_kernels_leave_counters_at_zero_and_repeat_bitwise(fused, unfused,
 
 def test_gemv_family_is_chosen_by_config_keys():
     assert moe.gemv_family(SMALL["gemv"]["mlp1"]) == "base"
-    assert moe.gemv_family(SMALL["gemv_split"]["mlp1"]) == "split" and moe.is_split_config(SMALL["gemv_split"]["mlp1"])
-    assert moe.gemv_family(SMALL["gemv_st"]["mlp2"]) == "stationary"
-    assert not moe.is_split_config(SMALL["gemv_st"]["mlp2"])  # it has SPLIT_K too, but STATIONARY decides
+    assert moe.gemv_family(SMALL["gemv_st"]["mlp2"]) == "stationary"  # SPLIT_K with STATIONARY
+    with pytest.raises(ValueError, match="STATIONARY"):  # SPLIT_K alone named the removed split family
+        moe.gemv_family(dict(BLOCK_N=32, BLOCK_B=8, num_warps=4, PREFETCH=2, SPLIT_K=4))
     for layer in ("mlp1", "mlp2"):
-        assert moe.gemv_family(moe.CONFIGS["gemv"][layer]) in ("base", "split", "stationary")
+        assert moe.gemv_family(moe.CONFIGS["gemv"][layer]) in ("base", "stationary")
 
 
 # ---- exactness at the bottom of the range (issue 11: the interpreter's conversions of subnormals) ----------------
@@ -423,7 +415,7 @@ def _exact_subnormal_inputs(T: int):
     return mlp1, mlp2, x, ew, idx
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv_split", "gemv_st", "dot", "dot_bf16", "dot_swap", "prefill"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_st", "dot", "dot_bf16", "dot_swap", "prefill"])
 def test_exact_zeros_and_subnormal_outputs(path):
     # Bitwise equal to the float64 oracle, which is exact here: the interpreter once returned 1.17e-38 (bf16 bits
     # 0x007F) for exact zeros, from rounding by hand into an fp32 subnormal and its conversion of subnormals.

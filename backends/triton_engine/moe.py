@@ -9,12 +9,10 @@ every launch):
   of output rows, streaming that pair's expert rows with the next K step's loads in flight while the
   current one is decoded (CUDA-core FMAs, no tensor cores): mlp1 gathers its token row and writes SwiGLU(h),
   mlp2 writes the weighted row w * (W2 h + b2) of the pair; a tiny kernel sums each token's k rows in a
-  fixed order (deterministic, no atomics). A second family of gemv kernels (configs with ``SPLIT_K``, see
-  "split variant" below) prefetches the activations with the weights, splits K over programs and can fuse
-  the k-sum into mlp2 (deterministic too: atomic counters only elect the program that sums, in fixed order).
-  A third (configs with ``STATIONARY``, "activation-stationary variant") gives every lane of a warp its own K
-  block, loads that block's activations once per chunk and streams the weight rows past them; K splits and
-  the fused k-sum work as in the second.
+  fixed order (deterministic, no atomics). A second family (configs with ``STATIONARY``, "activation-stationary
+  variant") gives every lane of a warp its own K block, loads that block's activations once per chunk and
+  streams the weight rows past them; it can split K over programs and fuse the k-sum into mlp2 (deterministic
+  too: atomic counters only elect the program that sums, in fixed order).
 * ``dot`` (up to 64 tokens: tiles of 16 tokens of one expert) and ``prefill`` (tiles of 128): device routing (a stable counting sort of
   the pairs by expert and a static-size tile list, one program), then grouped matrix products on tensor
   cores with the dequantized weights as the wide operand and a tile of one expert's tokens as the narrow
@@ -120,7 +118,7 @@ class MoEWeights:
     dtype: torch.dtype  # activation dtype the engine prepared for
     big_scales: bool = False  # some scale byte > 240 (or NaN): the kernels then scale in two steps
     small_scales: bool = False  # every scale byte <= 128: the dot kernels can decode straight into bf16 (_slot_bf16)
-    scratch: dict = field(default_factory=dict, repr=False, compare=False)  # counters of the split gemv kernels
+    scratch: dict = field(default_factory=dict, repr=False, compare=False)  # counters of the K-split gemv kernels
 
     @property
     def num_experts(self) -> int:
@@ -498,23 +496,15 @@ def _mlp2_gemv_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
     tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=offs_n < D)
 
 
-# ---- gemv path, split variant (config key SPLIT_K): activations prefetched with the weights, K split -----------------
+# ---- gemv path, K-split kernels: helpers of the activation-stationary kernels below ------------------------------------
 #
-# The same per-pair GEMV with three changes (NOTES-moe.md, "What would close the gap"): (1) the 16 activation
-# pair-words of each block are loaded together with the next step's weights and carried in registers, so no load
-# sits right before its FMAs; a tile of BN rows wider than the threads cover gives each thread several rows of the
-# same block, which then share those activation registers; (2) the K blocks are split over SPLIT_K programs (fp32
-# partial sums), which multiplies the programs in flight; the last of a tile's programs to finish (an atomic
-# counter) sums the partials in split order; (3, mlp2, FUSE_SUM) the last of a token's k * SPLIT_K programs also
-# sums the token's k slots in slot order and writes the output row, with no k-sum kernel. Every sum runs in a fixed
-# order: results do not depend on which program finishes last. Counters start at 0 and their last program puts
-# them back to 0, so a CUDA graph replays the kernels as they are.
-# Layout note: tiles are [BB, BN, 4] (blocks first), not [BN, BB, 4] as in the base kernels. Triton orders the
-# threads of a load by the pointer's contiguity (the 4 words first) and, among equal dimensions, the first one
-# next: here the blocks, so a warp reads BB consecutive blocks (BB*16 contiguous bytes) of 32/BB rows, and a
-# tile wider than the threads' rows repeats rows per thread (with BN > 128/BB at 4 warps), which then share the
-# activation registers of their block. (The base kernels' order puts 32 rows of one block in a warp, and every
-# thread loads its block's activations for one row only; checked in the sm_90 TTGIR, NOTES-moe.md.)
+# A config with SPLIT_K > 1 splits K over programs (fp32 partial sums); the last of a tile's programs to finish (an
+# atomic counter) sums the partials in split order, and with FUSE_SUM (mlp2) the last of a token's k * SPLIT_K
+# programs also sums the token's k slots in slot order and writes the output row, with no k-sum kernel. Every sum
+# runs in a fixed order: results do not depend on which program finishes last. Counters start at 0 and their last
+# program puts them back to 0, so a CUDA graph replays the kernels as they are. (An earlier family of split kernels,
+# with the activations prefetched with the weights, lost to the base kernels in every H200 config and was removed:
+# NOTES-moe.md, run 3.)
 
 @triton.jit
 def _x_split(p, X_BF16: tl.constexpr):
@@ -528,104 +518,6 @@ def _x_split(p, X_BF16: tl.constexpr):
         even = (p & 0xFFFFFFFF).to(tl.uint32).to(tl.float32, bitcast=True)
         odd = (p >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
     return even, odd
-
-
-@triton.jit
-def _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, b0, offs_b, offs_w, NB,
-                TWO: tl.constexpr):
-    # Words [BB, BN, 4] + scale bytes [BB, BN] (of the gate and linear rows if TWO) and the activation pair-words
-    # [BB, 4] of slots 0..3 of blocks b0 .. b0+BB-1; block indices clamped (see _gemv_load).
-    blk = tl.minimum(b0 + offs_b, NB - 1)
-    w_ptrs = w_ptr + w_offs + blk[:, None, None] * 4
-    s_ptrs = s_ptr + s_offs + blk[:, None]
-    wa = tl.load(w_ptrs)
-    sa = tl.load(s_ptrs)
-    if TWO:
-        wb = tl.load(w_ptrs + stride_w_h * 4)
-        sb = tl.load(s_ptrs + stride_s_h)
-    else:
-        wb = wa
-        sb = sa
-    x_ptrs = x_ptr + x_row + blk[:, None] * 16 + offs_w[None, :]
-    x0 = tl.load(x_ptrs)
-    x1 = tl.load(x_ptrs + 4)
-    x2 = tl.load(x_ptrs + 8)
-    x3 = tl.load(x_ptrs + 12)
-    return wa, sa, wb, sb, x0, x1, x2, x3
-
-
-@triton.jit
-def _split_slot(part, w, xp, SLOT: tl.constexpr, X_BF16: tl.constexpr, EXACT: tl.constexpr):
-    xe, xo = _x_split(xp, X_BF16)
-    lo, hi = _slot_f32(w, SLOT, EXACT)
-    part = part + lo * xe[:, None, :]
-    return part + hi * xo[:, None, :]
-
-
-@triton.jit
-def _split_partial(w, x0, x1, x2, x3, X_BF16: tl.constexpr, EXACT: tl.constexpr):
-    # As _gemv_block_partial, from activations already in registers: [BB, BN, 4] words -> [BB, BN] block sums.
-    w = w.to(tl.uint32, bitcast=True)
-    part = tl.zeros(w.shape, tl.float32)
-    part = _split_slot(part, w, x0, 0, X_BF16, EXACT)
-    part = _split_slot(part, w, x1, 1, X_BF16, EXACT)
-    part = _split_slot(part, w, x2, 2, X_BF16, EXACT)
-    part = _split_slot(part, w, x3, 3, X_BF16, EXACT)
-    return tl.sum(part, axis=2)
-
-
-@triton.jit
-def _split_compute(acc_a, acc_b, wa, sa, wb, sb, x0, x1, x2, x3, b0, offs_b, b_end,
-                   X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, TWO: tl.constexpr):
-    keep = (b0 + offs_b < b_end)[:, None]  # blocks of this program's K range only
-    pa = _split_partial(wa, x0, x1, x2, x3, X_BF16, BIG_SCALES)
-    acc_a += tl.where(keep, _scale_values(pa, sa, BIG_SCALES), 0.0)
-    if TWO:
-        pb = _split_partial(wb, x0, x1, x2, x3, X_BF16, BIG_SCALES)
-        acc_b += tl.where(keep, _scale_values(pb, sb, BIG_SCALES), 0.0)
-    return acc_a, acc_b
-
-
-@triton.jit
-def _split_rows(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, NB, b_lo, b_hi,
-                BLOCK_B: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, TWO: tl.constexpr,
-                PREFETCH: tl.constexpr):
-    # The K loop over blocks b_lo .. b_hi-1 (b_lo may be >= b_hi: then the sums are 0): per-block sums [BB, BN].
-    # PREFETCH 1 or 2: the weights and activations of the next one or two steps are loaded before this step's
-    # decode and FMAs (steps past the end reload the last one).
-    offs_b = tl.arange(0, BLOCK_B)
-    offs_w = tl.arange(0, 4)
-    last = b_lo + tl.maximum(tl.cdiv(b_hi - b_lo, BLOCK_B) - 1, 0) * BLOCK_B
-    wa, sa, wb, sb, x0, x1, x2, x3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row,
-                                                 b_lo, offs_b, offs_w, NB, TWO)
-    if PREFETCH >= 1:
-        na, nsa, nb, nsb, n0, n1, n2, n3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
-                                                       x_row, tl.minimum(b_lo + BLOCK_B, last), offs_b, offs_w, NB,
-                                                       TWO)
-    if PREFETCH >= 2:
-        ma, msa, mb, msb, m0, m1, m2, m3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
-                                                       x_row, tl.minimum(b_lo + 2 * BLOCK_B, last), offs_b, offs_w,
-                                                       NB, TWO)
-    acc_a, acc_b = _split_compute(0.0, 0.0, wa, sa, wb, sb, x0, x1, x2, x3, b_lo, offs_b, b_hi, X_BF16, BIG_SCALES,
-                                  TWO)
-    for b0 in range(b_lo + BLOCK_B, b_hi, BLOCK_B):
-        if PREFETCH >= 2:
-            wa, sa, wb, sb, x0, x1, x2, x3 = na, nsa, nb, nsb, n0, n1, n2, n3
-            na, nsa, nb, nsb, n0, n1, n2, n3 = ma, msa, mb, msb, m0, m1, m2, m3
-            ma, msa, mb, msb, m0, m1, m2, m3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h,
-                                                           x_ptr, x_row, tl.minimum(b0 + 2 * BLOCK_B, last), offs_b,
-                                                           offs_w, NB, TWO)
-        elif PREFETCH >= 1:
-            wa, sa, wb, sb, x0, x1, x2, x3 = na, nsa, nb, nsb, n0, n1, n2, n3
-            na, nsa, nb, nsb, n0, n1, n2, n3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h,
-                                                           x_ptr, x_row, tl.minimum(b0 + BLOCK_B, last), offs_b,
-                                                           offs_w, NB, TWO)
-        else:
-            wa, sa, wb, sb, x0, x1, x2, x3 = _split_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr,
-                                                         x_row, b0, offs_b, offs_w, NB, TWO)
-        acc_a, acc_b = _split_compute(acc_a, acc_b, wa, sa, wb, sb, x0, x1, x2, x3, b0, offs_b, b_hi, X_BF16,
-                                      BIG_SCALES, TWO)
-    return acc_a, acc_b
 
 
 @triton.jit
@@ -646,122 +538,12 @@ def _arrive(cnt_ptrs, TARGET):
     return arrived == TARGET - 1
 
 
-# BN SwiGLU outputs of one (token, slot) pair over split pid_s of K. part: [P, SPLIT_K, 2, I] fp32 partials;
-# cnt: [P, cdiv(I, BN)] int32 counters.
-@triton.jit
-def _mlp1_gemv_split_kernel(x_ptr, stride_x_t, idx_ptr,
-                            w_ptr, stride_w_e, stride_w_h, stride_w_n,
-                            s_ptr, stride_s_e, stride_s_h, stride_s_n,
-                            b_ptr, stride_b_e, stride_b_h,
-                            h_ptr, stride_h_p, part_ptr, cnt_ptr,
-                            NB, I, TOP_K, alpha, limit,
-                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                            X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr,
-                            GDC: tl.constexpr = False):
-    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    e = tl.load(idx_ptr + pid_p).to(tl.int64)
-    tok = pid_p // TOP_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < I
-    rows = tl.minimum(offs_n, I - 1)  # past the last row, read it again (the stores drop those outputs)
-    w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]: see the layout note
-    s_offs = rows[None, :] * stride_s_n
-    b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
-    acc_g, acc_l = _split_rows(w_ptr + e * stride_w_e * 4, w_offs, stride_w_h, s_ptr + e * stride_s_e, s_offs,
-                               stride_s_h, x_ptr, tok * stride_x_t * 16, NB, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES,
-                               True, PREFETCH)
-    gate = tl.sum(acc_g, axis=0)
-    lin = tl.sum(acc_l, axis=0)
-    bias_ptrs = b_ptr + e * stride_b_e + rows
-    h_ptrs = h_ptr + pid_p * stride_h_p * 32 + offs_n
-    if SPLIT_K == 1:
-        h = _swiglu(gate + tl.load(bias_ptrs), lin + tl.load(bias_ptrs + stride_b_h), alpha, limit)
-        tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        part_ptrs = part_ptr + pid_p * SPLIT_K * 2 * I + rows
-        tl.store(part_ptrs + pid_s * 2 * I, gate, mask=mask_n)
-        tl.store(part_ptrs + pid_s * 2 * I + I, lin, mask=mask_n)
-        cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
-        if _arrive(cnt_ptrs, SPLIT_K):
-            gate = tl.load(bias_ptrs)
-            lin = tl.load(bias_ptrs + stride_b_h)
-            for s in tl.static_range(SPLIT_K):  # split order, whichever program came last
-                gate += tl.load(part_ptrs + s * 2 * I, cache_modifier=".cg")
-                lin += tl.load(part_ptrs + s * 2 * I + I, cache_modifier=".cg")
-            h = _swiglu(gate, lin, alpha, limit)
-            tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
-            tl.store(cnt_ptrs, 0)  # ready for the next launch
-
-
-# BN outputs of one (token, slot) pair over split pid_s of K. Without FUSE_SUM: y[pair] = w_pair * (W2 h + b2)
-# as the base kernel (partials [P, SPLIT_K, D] summed by the last split). With FUSE_SUM: the last of the token's
-# k * SPLIT_K programs writes out[tok] = sum over slots of w_slot * (sum over splits + b2) (counters per token).
-@triton.jit
-def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
-                            w_ptr, stride_w_e, stride_w_n,
-                            s_ptr, stride_s_e, stride_s_n,
-                            b_ptr, stride_b_e,
-                            y_ptr, stride_y_p, out_ptr, stride_o_t, part_ptr, cnt_ptr,
-                            NB, D, TOP_K,
-                            BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
-                            FUSE_SUM: tl.constexpr, X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr,
-                            PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
-    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
-    pid_p = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    e = tl.load(idx_ptr + pid_p).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < D
-    rows = tl.minimum(offs_n, D - 1)
-    w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]: see the layout note
-    s_offs = rows[None, :] * stride_s_n
-    b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
-    acc, _ = _split_rows(w_ptr + e * stride_w_e * 4, w_offs, 0, s_ptr + e * stride_s_e, s_offs, 0, h_ptr,
-                         pid_p * stride_h_p * 16, NB, b_lo, b_hi, BLOCK_B, X_BF16, BIG_SCALES, False, PREFETCH)
-    acc = tl.sum(acc, axis=0)
-    if SPLIT_K == 1 and not FUSE_SUM:
-        weight = _to_f32(tl.load(ew_ptr + pid_p))
-        y = (acc + tl.load(b_ptr + e * stride_b_e + rows)) * weight
-        tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
-    else:
-        tl.store(part_ptr + (pid_p * SPLIT_K + pid_s) * D + rows, acc, mask=mask_n)
-        if FUSE_SUM:
-            tok = pid_p // TOP_K
-            cnt_ptrs = cnt_ptr + tok * tl.num_programs(1) + pid_n
-            if _arrive(cnt_ptrs, TOP_K * SPLIT_K):
-                total = tl.zeros([BLOCK_N], tl.float32)
-                for slot in range(TOP_K):  # slot order, then split order: whichever program came last
-                    pair = tok * TOP_K + slot
-                    ep = tl.load(idx_ptr + pair).to(tl.int64)
-                    v = tl.load(b_ptr + ep * stride_b_e + rows)
-                    for s in tl.static_range(SPLIT_K):
-                        v += tl.load(part_ptr + (pair * SPLIT_K + s) * D + rows, cache_modifier=".cg")
-                    total += v * _to_f32(tl.load(ew_ptr + pair))
-                tl.store(out_ptr + tok * stride_o_t * 32 + offs_n, _cast(total, out_ptr.dtype.element_ty),
-                         mask=mask_n)
-                tl.store(cnt_ptrs, 0)
-        else:
-            cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
-            if _arrive(cnt_ptrs, SPLIT_K):
-                v = tl.load(b_ptr + e * stride_b_e + rows)
-                for s in tl.static_range(SPLIT_K):
-                    v += tl.load(part_ptr + (pid_p * SPLIT_K + s) * D + rows, cache_modifier=".cg")
-                y = v * _to_f32(tl.load(ew_ptr + pid_p))
-                tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=mask_n)
-                tl.store(cnt_ptrs, 0)
-
-
 # ---- gemv path, activation-stationary variant (config key STATIONARY): every lane owns K blocks ----------------------
 #
 # What still stalls the kernels above (NOTES-moe.md): activations loaded from L1 inside each step, right before their
-# FMAs. The base kernels load a block's activations per row (a warp spans 32 rows of one block); the split kernels
-# load them once per step, but in the sm_90 TTGIR their [BB, 4] activation tiles get a layout of their own that is
-# converted to the weights' layout through shared memory in every step (STS + BAR + LDS; at BB = 32 also 255
-# registers and spills). Here a program (pair, tile of BN rows, K split) gives each lane one K block of a chunk of
+# FMAs. The base kernels load a block's activations per row (a warp spans 32 rows of one block); the removed split
+# kernels loaded them once per step, but in the sm_90 TTGIR their [BB, 4] activation tiles got a layout of their own
+# that was converted to the weights' layout through shared memory in every step (NOTES-moe.md, session 4). Here a program (pair, tile of BN rows, K split) gives each lane one K block of a chunk of
 # BB blocks and the warps the rows: word tiles [BB, BN, 4] whose threads run along the blocks (the 4 words of a
 # block in one thread, lanes on the blocks, warps on the rows), and the activations are loaded through pointers
 # broadcast over the rows, a tile of the words' very shape and so of their layout: they arrive in the registers of
@@ -769,7 +551,7 @@ def _mlp2_gemv_split_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
 # splits them once, and then streams the rows it owns in that block: per row one LDG.128 of words (32 values), one
 # scale byte and 32 FFMAs after the decode, no activation load. Lanes past the program's K range are masked (their
 # words and activations read as 0). The sum over the blocks (across lanes) is taken once per program, at the end;
-# split partials and the fused k-sum work as in the split kernels (_arrive).
+# split partials and the fused k-sum as described above (_arrive).
 
 @triton.jit
 def _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, c0, offs_b, offs_w, b_hi,
@@ -911,7 +693,7 @@ def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
 
 
 # BN outputs of one (token, slot) pair over split pid_s of K, lanes on K blocks: y[pair] = w_pair * (W2 h + b2), or
-# with FUSE_SUM out[tok] written by the last of the token's k * SPLIT_K programs (as _mlp2_gemv_split_kernel).
+# with FUSE_SUM out[tok] written by the last of the token's k * SPLIT_K programs.
 @triton.jit
 def _mlp2_gemv_st_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                          w_ptr, stride_w_e, stride_w_n,
@@ -1300,15 +1082,12 @@ def _sum_slots_kernel(y_ptr, stride_y_p, out_ptr, stride_o_t, D, TOP_K: tl.const
 # ---- the public op ------------------------------------------------------------------------------------------------
 
 # Tile shapes per path (BN rows of output, BB blocks of 32 per K step, BT tokens per tile): the fastest of the sweep
-# on the H200 (tests/benchmarks/gpu/NOTES-moe.md, second run). The gemv path has three kernel families (see
-# gemv_family): the base kernels (GEMV_BASE, measured), the split ones (a config with SPLIT_K; GEMV_SPLIT is an
-# unmeasured guess from the offline sm_90 compile) and the activation-stationary ones (STATIONARY; GEMV_ST, also
-# unmeasured: the offline compile's leanest tiles). `moe_kernels.py --sweep-t1` measures them and prints the
-# "gemv" line to put below.
+# on the H200 (tests/benchmarks/gpu/NOTES-moe.md, second run). The gemv path has two kernel families (see
+# gemv_family): the base kernels (GEMV_BASE) and the activation-stationary ones (STATIONARY; GEMV_ST: the offline
+# compile's leanest tiles, slower than the default on the H200). `moe_kernels.py --sweep-t1` measures them and
+# prints the "gemv" line to put below.
 GEMV_BASE = dict(mlp1=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=2),
                  mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0))
-GEMV_SPLIT = dict(mlp1=dict(BLOCK_N=32, BLOCK_B=8, num_warps=4, PREFETCH=2, SPLIT_K=4),
-                  mlp2=dict(BLOCK_N=16, BLOCK_B=8, num_warps=4, PREFETCH=1, SPLIT_K=2, FUSE_SUM=True))
 GEMV_ST = dict(mlp1=dict(STATIONARY=True, BLOCK_N=16, BLOCK_B=32, num_warps=4, SPLIT_K=3),
                mlp2=dict(STATIONARY=True, BLOCK_N=16, BLOCK_B=32, num_warps=4, SPLIT_K=3, FUSE_SUM=True))
 CONFIGS = {
@@ -1383,16 +1162,14 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
 
 def gemv_family(cfg: dict) -> str:
     """The gemv kernels a layer config selects: "stationary" (key STATIONARY true: lanes own K blocks, activations
-    loaded once per chunk; SPLIT_K, PREFETCH 0/1, FUSE_SUM as below), "split" (key SPLIT_K: activations prefetched,
-    K split, sums fused) or "base"."""
+    loaded once per chunk; SPLIT_K, PREFETCH 0/1, FUSE_SUM as below) or "base". SPLIT_K without STATIONARY named
+    the split family, which was removed (it lost to the base kernels in every H200 config): refused."""
     if cfg.get("STATIONARY", False):
         return "stationary"
-    return "split" if "SPLIT_K" in cfg else "base"
-
-
-def is_split_config(cfg: dict) -> bool:
-    """A gemv layer config selects the split kernels (activations prefetched, K split, sums fused) by SPLIT_K."""
-    return gemv_family(cfg) == "split"
+    if "SPLIT_K" in cfg or "FUSE_SUM" in cfg:
+        raise ValueError(f"moe gemv config {cfg}: SPLIT_K and FUSE_SUM need STATIONARY=True (the split gemv "
+                         "family was removed)")
+    return "base"
 
 
 def _split_pairs(t: torch.Tensor) -> torch.Tensor:
@@ -1401,7 +1178,7 @@ def _split_pairs(t: torch.Tensor) -> torch.Tensor:
 
 
 def _counters(w: MoEWeights, n: int, k: int, device) -> torch.Tensor:
-    """n int32 counters at 0 for the split kernels, kept with the layer's weights (each kernel leaves them at 0).
+    """n int32 counters at 0 for the K-split kernels, kept with the layer's weights (each kernel leaves them at 0).
 
     Made on first use, outside any CUDA-graph capture (a buffer allocated during a capture would belong to the
     graph's memory pool), large enough for every gemv batch (T <= GEMV_MAX_TOKENS) with BLOCK_N >= 8; a capture
@@ -1410,47 +1187,12 @@ def _counters(w: MoEWeights, n: int, k: int, device) -> torch.Tensor:
     have = w.scratch.get(("counters", str(device)))
     if have is None or have.numel() < n:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("moe_mxfp4: the split gemv kernels need their counters made by one eager call "
+            raise RuntimeError("moe_mxfp4: the K-split gemv kernels need their counters made by one eager call "
                                "with these shapes before a CUDA graph captures them")
         most = GEMV_MAX_TOKENS * k * triton.cdiv(max(w.hidden, w.intermediate), 8)
         have = torch.zeros(max(n, most), dtype=torch.int32, device=device)
         w.scratch[("counters", str(device))] = have
     return have
-
-
-def _check_split(cfg: dict):
-    if cfg["SPLIT_K"] < 1 or cfg.get("PREFETCH", 1) not in (0, 1, 2):
-        raise ValueError(f"moe gemv split config {cfg}: SPLIT_K >= 1 and PREFETCH 0, 1 or 2")
-
-
-def launch_mlp1_gemv_split(x, idx, w: MoEWeights, h, cfg, alpha, limit):
-    _check_split(cfg)
-    P, (T, D), I, split = idx.numel(), x.shape, w.intermediate, cfg["SPLIT_K"]
-    tiles = triton.cdiv(I, cfg["BLOCK_N"])
-    part = _buffer((P, split, 2, I), torch.float32, x.device) if split > 1 else h
-    cnt = _counters(w, P * tiles, idx.shape[1], x.device) if split > 1 else idx
-    _mlp1_gemv_split_kernel[(P, tiles, split)](
-        _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
-        *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
-        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(x))
-
-
-def launch_mlp2_gemv_split(h, idx, ew, w: MoEWeights, y, out, cfg):
-    """y (P, D) fp32 weighted rows, or with cfg FUSE_SUM the output (T, D) itself (y unused, may be None)."""
-    _check_split(cfg)
-    P, D, I, split, fuse = idx.numel(), w.hidden, w.intermediate, cfg["SPLIT_K"], bool(cfg.get("FUSE_SUM", False))
-    tiles = triton.cdiv(D, cfg["BLOCK_N"])
-    direct = split == 1 and not fuse
-    part = h if direct else _buffer((P, split, D), torch.float32, h.device)
-    cnt = idx if direct else _counters(w, (idx.shape[0] if fuse else P) * tiles, idx.shape[1], h.device)
-    y = out if y is None else y
-    _mlp2_gemv_split_kernel[(P, tiles, split)](
-        _split_pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2,
-        w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
-        X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 1)),
-        num_warps=cfg["num_warps"], **launch_options(h))
 
 
 def _check_st(cfg: dict):
@@ -1492,8 +1234,7 @@ def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
 def launch_mlp1_gemv_any(x, idx, w: MoEWeights, h, cfg, alpha, limit):
     """mlp1 through the gemv kernels that ``cfg`` selects (:func:`gemv_family`)."""
     fam = gemv_family(cfg)
-    launch = {"stationary": launch_mlp1_gemv_st, "split": launch_mlp1_gemv_split, "base": launch_mlp1_gemv}[fam]
-    launch(x, idx, w, h, cfg, alpha, limit)
+    (launch_mlp1_gemv_st if fam == "stationary" else launch_mlp1_gemv)(x, idx, w, h, cfg, alpha, limit)
 
 
 def launch_mlp2_gemv_any(h, idx, ew, w: MoEWeights, y, out, cfg) -> bool:
@@ -1503,7 +1244,7 @@ def launch_mlp2_gemv_any(h, idx, ew, w: MoEWeights, y, out, cfg) -> bool:
     if fam == "base":
         launch_mlp2_gemv(h, idx, ew, w, y, cfg)
         return False
-    (launch_mlp2_gemv_st if fam == "stationary" else launch_mlp2_gemv_split)(h, idx, ew, w, y, out, cfg)
+    launch_mlp2_gemv_st(h, idx, ew, w, y, out, cfg)
     return bool(cfg.get("FUSE_SUM", False))
 
 

@@ -20,15 +20,14 @@ On the lent GPU machine, from the repository root:
 Full table to $OUT/moe.txt (+ moe.json); a short table printed last.
 ``--dry-run``: the script's code paths on a CPU under TRITON_INTERPRET=1 at tiny shapes (no timing value).
 
-``--sweep-t1`` (< 60 s with compilation): only the gemv kernel families, the split ones (``SPLIT_K`` configs,
-moe.py) and the activation-stationary ones (``STATIONARY``), interleaved, against the default gemv config: every
-variant checked against ``moe_mxfp4_ref`` at T = 1 and 4 with E = 32 and 128, then timed per kernel at T = 1
-(E = 32), the best pair (each layer's fastest, of any family) as a whole op at T = 1 (E = 32, 128), 4 and 8 next
-to the default, a CUDA-graph replay of it against eager; a short table to stdout and $OUT/moe_sweep.txt, ending
-with the ``CONFIGS["gemv"]`` line that selects the winner. ``--family split`` or ``--family stationary`` sweeps
-one family only (more of its variants fit the time budget):
+``--sweep-t1`` (< 60 s with compilation): only the activation-stationary gemv kernels (``STATIONARY`` configs,
+moe.py) against the default gemv config: every variant checked against ``moe_mxfp4_ref`` at T = 1 and 4 with
+E = 32 and 128, then timed per kernel at T = 1 (E = 32), the best pair (each layer's fastest) as a whole op at
+T = 1 (E = 32, 128), 4 and 8 next to the default, a CUDA-graph replay of it against eager; a short table to stdout
+and $OUT/moe_sweep.txt, ending with the ``CONFIGS["gemv"]`` line that selects the winner. (The split family this
+sweep also measured lost in every config on the H200 and was removed: NOTES-moe.md, run 3.)
 
-    source tests/benchmarks/gpu/setup.sh && python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1 [--family stationary]
+    source tests/benchmarks/gpu/setup.sh && python3 tests/benchmarks/gpu/moe_kernels.py --sweep-t1
 """
 
 from __future__ import annotations
@@ -420,16 +419,11 @@ def dot_case(case: str, T: int, E: int, path: str, cfgs, block_ts):
     return w, x, idx
 
 
-# ---- --sweep-t1: the split and stationary gemv kernels against the default -------------------------------------------
+# ---- --sweep-t1: the stationary gemv kernels against the default ----------------------------------------------------
 
-# mlp1 / mlp2: (BLOCK_N, BLOCK_B, num_warps, PREFETCH, SPLIT_K[, FUSE_SUM]). K = 2880 is 90 blocks: e.g. BB 8 with
-# SPLIT_K 4 gives 3 steps of 8 blocks per program, all of them loaded before the first FMA with PREFETCH 2.
-# Most promising first (variants past the time budget are skipped; mlp1 and mlp2 alternate).
-SPLIT1 = [(32, 8, 4, 2, 4), (16, 8, 4, 2, 2), (32, 4, 4, 2, 4), (8, 16, 4, 2, 1), (16, 8, 4, 1, 4), (32, 8, 4, 1, 3),
-          (16, 16, 4, 2, 2), (64, 8, 4, 1, 6), (32, 8, 8, 1, 2)]
-SPLIT2 = [(16, 8, 4, 1, 2, True), (32, 8, 4, 2, 4, True), (8, 16, 4, 0, 1, True), (32, 4, 4, 2, 4, True),
-          (16, 16, 4, 2, 2, True), (16, 8, 4, 0, 4, True), (32, 8, 4, 2, 4, False)]
-# The activation-stationary kernels (STATIONARY, session 4), same tuples: lanes own K blocks, BB = 32 lanes with
+# mlp1 / mlp2: (BLOCK_N, BLOCK_B, num_warps, PREFETCH, SPLIT_K[, FUSE_SUM]), most promising first (variants past the
+# time budget are skipped; mlp1 and mlp2 alternate).
+# The activation-stationary kernels (STATIONARY, session 4): lanes own K blocks, BB = 32 lanes with
 # SPLIT_K 3 (90 = 3 x 30 blocks: one chunk per program, 2 of 32 lanes idle) or BB 16 with SPLIT_K 6; SPLIT_K 1
 # loops over 3 chunks. Offline sm_90 compile (NOTES-moe.md, session 4): 4.07-4.29 instructions per weight value
 # (base kernels 5.0-5.3), no shared memory in the K loop, 96-128 registers.
@@ -437,33 +431,23 @@ ST1 = [(16, 32, 4, 0, 3), (8, 32, 4, 0, 3), (32, 32, 8, 0, 3), (16, 16, 4, 0, 6)
 ST2 = [(16, 32, 4, 0, 3, True), (32, 32, 4, 0, 3, True), (32, 16, 4, 0, 6, True), (16, 32, 4, 1, 1, True),
        (32, 32, 4, 0, 3, False)]
 if DRY:
-    SPLIT1, SPLIT2 = SPLIT1[:2], SPLIT2[:2] + SPLIT2[-1:]
     ST1, ST2 = [(16, 8, 4, 0, 3), (16, 4, 4, 1, 1)], [(16, 8, 4, 0, 3, True), (32, 4, 4, 1, 1, False)]
 SPLIT_KEYS = ("BLOCK_N", "BLOCK_B", "num_warps", "PREFETCH", "SPLIT_K", "FUSE_SUM")
 SWEEP_BUDGET_S = 1e9 if DRY else 40  # since START: new variants are skipped past this (all within 60 s)
-# --family split / stationary: sweep only that family against the default (more of its variants fit the budget).
-FAMILY = sys.argv[sys.argv.index("--family") + 1] if "--family" in sys.argv else "all"
 
 
 def _cfg_name(cfg: dict) -> str:
     fam = moe.gemv_family(cfg)
     if fam == "base":
         return "base BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH}".format(**cfg)
-    return (("st" if fam == "stationary" else "split") + " BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH} "
-            "s{SPLIT_K}".format(**cfg) + (" +sum" if cfg.get("FUSE_SUM") else ""))
+    return ("st BN{BLOCK_N} BB{BLOCK_B} w{num_warps} pf{PREFETCH} s{SPLIT_K}".format(**cfg)
+            + (" +sum" if cfg.get("FUSE_SUM") else ""))
 
 
 def sweep_candidates() -> tuple[list[dict], list[dict]]:
-    """mlp1 and mlp2 configs to sweep, the families interleaved (best guesses first) so that both get measured
-    before the time budget runs out."""
-    fams = {"split": (SPLIT1, SPLIT2, {}), "stationary": (ST1, ST2, {"STATIONARY": True})}
-    if FAMILY != "all":
-        fams = {FAMILY: fams[FAMILY]}
-    out = []
-    for layer in (0, 1):
-        lists = [[dict(zip(SPLIT_KEYS, t), **f[2]) for t in f[layer]] for f in fams.values()]
-        out.append([c for i in range(max(map(len, lists))) for lst in lists if i < len(lst) for c in [lst[i]]])
-    return out[0], out[1]
+    """mlp1 and mlp2 configs to sweep (best guesses first)."""
+    return ([dict(zip(SPLIT_KEYS, t), STATIONARY=True) for t in ST1],
+            [dict(zip(SPLIT_KEYS, t), STATIONARY=True) for t in ST2])
 
 
 def sweep_t1():
@@ -530,8 +514,7 @@ def sweep_t1():
         if i < len(cand2):
             c2 = cand2[i]
             row("mlp2", c2, lambda: mlp2(c2), b2)
-    table = [f"{'layer':5} {'variant':34} {'T=1 E=32 us':>11} {'TB/s':>6}  check vs moe_mxfp4_ref (T=1,4 x E=32,128)"
-             + f"  [families: {FAMILY}]"]
+    table = [f"{'layer':5} {'variant':34} {'T=1 E=32 us':>11} {'TB/s':>6}  check vs moe_mxfp4_ref (T=1,4 x E=32,128)"]
     table += rows["mlp1"] + ["(mlp2 rows: mlp2 + the k-sum kernel, or mlp2 alone where it fuses the sum: +sum)"]
     table += rows["mlp2"]
 
