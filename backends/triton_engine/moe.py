@@ -540,11 +540,11 @@ def _arrive(cnt_ptrs, TARGET):
 
 # ---- gemv path, activation-stationary variant (config key STATIONARY): every lane owns K blocks ----------------------
 #
-# What still stalls the kernels above (NOTES-moe.md): activations loaded from L1 inside each step, right before their
-# FMAs. The base kernels load a block's activations per row (a warp spans 32 rows of one block); the removed split
-# kernels loaded them once per step, but in the sm_90 TTGIR their [BB, 4] activation tiles got a layout of their own
-# that was converted to the weights' layout through shared memory in every step (NOTES-moe.md, session 4). Here a program (pair, tile of BN rows, K split) gives each lane one K block of a chunk of
-# BB blocks and the warps the rows: word tiles [BB, BN, 4] whose threads run along the blocks (the 4 words of a
+# What stalls the base kernels (NOTES-moe.md): activations loaded from L1 inside each step, right before their FMAs,
+# a block's activations per row (a warp spans 32 rows of one block). (The removed split kernels loaded them once per
+# step, but their [BB, 4] activation tiles got a layout of their own, converted to the weights' layout through
+# shared memory in every step: NOTES-moe.md, session 4.) Here a program (pair, tile of BN rows, K split) gives each
+# lane one K block of a chunk of BB blocks and the warps the rows: word tiles [BB, BN, 4] whose threads run along the blocks (the 4 words of a
 # block in one thread, lanes on the blocks, warps on the rows), and the activations are loaded through pointers
 # broadcast over the rows, a tile of the words' very shape and so of their layout: they arrive in the registers of
 # the lanes that use them. Per chunk a thread loads its block's 16 activation pair-words once (4 LDG.128),
