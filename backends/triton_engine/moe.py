@@ -496,7 +496,7 @@ def _mlp2_gemv_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
     tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=offs_n < D)
 
 
-# ---- gemv path, K-split kernels: helpers of the activation-stationary kernels below ------------------------------------
+# ---- gemv path, K-split kernels: helpers of the activation-stationary kernels below ----------------------------------
 #
 # A config with SPLIT_K > 1 splits K over programs (fp32 partial sums); the last of a tile's programs to finish (an
 # atomic counter) sums the partials in split order, and with FUSE_SUM (mlp2) the last of a token's k * SPLIT_K
@@ -544,9 +544,9 @@ def _arrive(cnt_ptrs, TARGET):
 # a block's activations per row (a warp spans 32 rows of one block). (The removed split kernels loaded them once per
 # step, but their [BB, 4] activation tiles got a layout of their own, converted to the weights' layout through
 # shared memory in every step: NOTES-moe.md, session 4.) Here a program (pair, tile of BN rows, K split) gives each
-# lane one K block of a chunk of BB blocks and the warps the rows: word tiles [BB, BN, 4] whose threads run along the blocks (the 4 words of a
-# block in one thread, lanes on the blocks, warps on the rows), and the activations are loaded through pointers
-# broadcast over the rows, a tile of the words' very shape and so of their layout: they arrive in the registers of
+# lane one K block of a chunk of BB blocks and the warps the rows: word tiles [BB, BN, 4] whose threads run along
+# the blocks (the 4 words of a block in one thread, lanes on the blocks, warps on the rows), and the activations
+# are loaded through pointers broadcast over the rows, a tile of the words' very shape and so of their layout: they arrive in the registers of
 # the lanes that use them. Per chunk a thread loads its block's 16 activation pair-words once (4 LDG.128),
 # splits them once, and then streams the rows it owns in that block: per row one LDG.128 of words (32 values), one
 # scale byte and 32 FFMAs after the decode, no activation load. Lanes past the program's K range are masked (their
