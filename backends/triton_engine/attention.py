@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
+from mxmoe.backends.triton_engine.sync import last_to_arrive
 from mxmoe.core.batch import Batch
 
 from .ops import rope, rope_ref
@@ -602,21 +603,11 @@ def _rope_decode_kernel(Q, K, V, K_cache, V_cache, Sinks, Out, M_part, L_part, A
         tl.store(acc_ptrs, acc, mask=mask_g[:, None])
         if MERGE == 2:  # the last split of this (sequence, KV head) to finish merges them all, in split order
             counter = Counters + pid_s * tl.num_programs(1) + pid_kvh
-            if _last_to_arrive(counter, num_splits):
+            if last_to_arrive(counter, num_splits):
                 _merge_group(Out, Sinks, M_part, L_part, Acc_part, token, pid_s, heads, mask_g,
                              stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h,
                              stride_acc_p, num_splits, G_PAD, P_PAD, HEAD_DIM, BF16_RTNE)
                 tl.store(counter, 0)  # back to 0 for the next launch (every split of this launch has arrived)
-
-
-@triton.jit
-def _last_to_arrive(counter, num_splits):
-    # Counts this program in; True for the last of num_splits. The barrier orders every thread's partial stores
-    # before the (release) atomic; the last program's reads of the others' partials come after its (acquire)
-    # atomic and go through L2 (.cg), past any stale L1 line. (As moe.py's and linear.py's _arrive.)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-    return arrived == num_splits - 1
 
 
 # G_PAD query heads of one KV head, P splits (padded to P_PAD), d head_dim: the splits' partial softmax states

@@ -3,8 +3,8 @@
 At decode time a dense layer is a GEMV: T = 1..64 token rows against a weight W (N, K) that must stream from
 HBM once. cuBLAS gets there in two kernels on gpt-oss's QKV and output projections (a split-K GEMV and a
 separate reduce); ``gemv`` does it in one: every program owns BLOCK_N output rows (all T tokens) and one of
-SPLIT_K ranges of K, and when K is split the last program of a tile to finish (an atomic counter, as in moe.py's
-split kernels) sums the fp32 partials in split order, adds the bias and rounds once to x's dtype. Results are
+SPLIT_K ranges of K, and when K is split the last program of a tile to finish (an atomic counter,
+sync.last_to_arrive) sums the fp32 partials in split order, adds the bias and rounds once to x's dtype. Results are
 therefore bitwise repeatable whichever program finishes last. Two inner products, chosen by the config:
 
 * ``fma`` (T <= 8): CUDA-core FMAs. A K step multiplies x and W as [BK/VEC, BN, BT, VEC] tiles (VEC = 16
@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
+from mxmoe.backends.triton_engine.sync import last_to_arrive
 
 # The interpreter's tl.dot on bf16 operands returns wrong values (FACTS.md): feed it fp32 there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -64,20 +65,11 @@ def _cast(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _arrive(cnt_ptr, TARGET):
-    # Counts this program in at its tile's counter; True for the last of TARGET programs. The barrier orders every
-    # thread's partial-sum stores before the (release) atomic; the last program's reads of the others' partials
-    # come after its (acquire) atomic and are made through L2 (.cg), past any stale L1 line. (As moe.py's.)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-    return arrived == TARGET - 1
-
-
-@triton.jit
-def _fma_load(x_ptrs, w_ptrs, offs_k, k0, k_hi, MASKED: tl.constexpr):
-    # x_ptrs and w_ptrs [BKV, BN, BT, VEC] at k = 0; offs_k [BKV, VEC] = kv * VEC + v.
+def _load_step(x_ptrs, w_ptrs, offs_k, k0, k_hi, MASKED: tl.constexpr):
+    # The x and W tiles of the K step at k0 (x_ptrs, w_ptrs at k = 0); offs_k: the K offsets broadcast to the
+    # tiles' rank ([BKV, 1, 1, VEC] for the fma product, [1, BK] for the dot one). MASKED: only k0 + offs_k < k_hi.
     if MASKED:
-        mask_k = (k0 + offs_k < k_hi)[:, None, None, :]
+        mask_k = k0 + offs_k < k_hi
         xt = tl.load(x_ptrs + k0, mask=mask_k, other=0.0)
         wt = tl.load(w_ptrs + k0, mask=mask_k, other=0.0)
     else:
@@ -106,44 +98,32 @@ def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
     # with the tokens before the rows, warps were spread over tokens and each loaded the whole W tile.
     BKV: tl.constexpr = BLOCK_K // VEC
     offs_k = tl.arange(0, BKV)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [BKV, VEC]
+    offs_k4 = offs_k[:, None, None, :]  # at the tiles' rank
     zero_n = tl.zeros([BLOCK_N], tl.int32)
     zero_t = tl.zeros([BLOCK_T], tl.int64)
-    x_ptrs = (x_ptr + k_lo + offs_k[:, None, None, :] + zero_n[None, :, None, None]
+    x_ptrs = (x_ptr + k_lo + offs_k4 + zero_n[None, :, None, None]
               + tok[None, None, :, None] * stride_x_t)
-    w_ptrs = (w_ptr + k_lo + offs_k[:, None, None, :] + rows.to(tl.int64)[None, :, None, None] * stride_w_n
+    w_ptrs = (w_ptr + k_lo + offs_k4 + rows.to(tl.int64)[None, :, None, None] * stride_w_n
               + zero_t[None, None, :, None])
     acc = tl.zeros([BKV, BLOCK_N, BLOCK_T], tl.float32)
     n_full = tl.maximum(k_hi - k_lo, 0) // BLOCK_K
     if PREFETCH:
         if n_full > 0:
-            xn, wn = _fma_load(x_ptrs, w_ptrs, offs_k, 0, 0, False)
+            xn, wn = _load_step(x_ptrs, w_ptrs, offs_k4, 0, 0, False)
             for i in range(n_full):
                 xt, wt = xn, wn
                 # the next step's tiles are in flight during this step's FMAs (the last step reloads itself)
-                xn, wn = _fma_load(x_ptrs, w_ptrs, offs_k, tl.minimum(i + 1, n_full - 1) * BLOCK_K, 0, False)
+                xn, wn = _load_step(x_ptrs, w_ptrs, offs_k4, tl.minimum(i + 1, n_full - 1) * BLOCK_K, 0, False)
                 acc = _fma_step(acc, xt, wt)
     else:
         for i in range(n_full):
-            xt, wt = _fma_load(x_ptrs, w_ptrs, offs_k, i * BLOCK_K, 0, False)
+            xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, i * BLOCK_K, 0, False)
             acc = _fma_step(acc, xt, wt)
     k_tail = n_full * BLOCK_K
     if k_lo + k_tail < k_hi:
-        xt, wt = _fma_load(x_ptrs, w_ptrs, offs_k, k_tail, k_hi - k_lo, True)
+        xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, k_tail, k_hi - k_lo, True)
         acc = _fma_step(acc, xt, wt)
     return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _dot_load(x_ptrs, w_ptrs, offs_k, k0, k_hi, MASKED: tl.constexpr):
-    # x_ptrs [BT, BK], w_ptrs [BN, BK] at k = 0; offs_k [BK].
-    if MASKED:
-        mask_k = (k0 + offs_k < k_hi)[None, :]
-        xt = tl.load(x_ptrs + k0, mask=mask_k, other=0.0)
-        wt = tl.load(w_ptrs + k0, mask=mask_k, other=0.0)
-    else:
-        xt = tl.load(x_ptrs + k0)
-        wt = tl.load(w_ptrs + k0)
-    return xt, wt
 
 
 @triton.jit
@@ -163,11 +143,11 @@ def _dot_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
     acc = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
     n_full = tl.maximum(k_hi - k_lo, 0) // BLOCK_K
     for i in range(n_full):
-        xt, wt = _dot_load(x_ptrs, w_ptrs, offs_k, i * BLOCK_K, 0, False)
+        xt, wt = _load_step(x_ptrs, w_ptrs, offs_k[None, :], i * BLOCK_K, 0, False)
         acc = _dot_step(acc, xt, wt, DOT_F32)
     k_tail = n_full * BLOCK_K
     if k_lo + k_tail < k_hi:
-        xt, wt = _dot_load(x_ptrs, w_ptrs, offs_k, k_tail, k_hi - k_lo, True)
+        xt, wt = _load_step(x_ptrs, w_ptrs, offs_k[None, :], k_tail, k_hi - k_lo, True)
         acc = _dot_step(acc, xt, wt, DOT_F32)
     return acc
 
@@ -211,7 +191,7 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
         part_ptrs = part_ptr + rows[:, None] + offs_t[None, :] * N
         tl.store(part_ptrs + pid_s * T * N, acc, mask=mask_y)
         cnt_ptrs = cnt_ptr + pid_n
-        if _arrive(cnt_ptrs, SPLIT_K):
+        if last_to_arrive(cnt_ptrs, SPLIT_K):
             y = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
             for s in tl.static_range(SPLIT_K):  # split order, whichever program came last
                 y += tl.load(part_ptrs + s * T * N, mask=mask_y, other=0.0, cache_modifier=".cg")

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
+from mxmoe.backends.triton_engine.sync import last_to_arrive
 from mxmoe.core import mxfp4
 from mxmoe.core.backend import NotSupported
 from mxmoe.core.weights import ExpertLinear
@@ -528,16 +529,6 @@ def _split_k_range(pid_s, NB, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr):
     return b_lo, tl.minimum(b_lo + per, NB)
 
 
-@triton.jit
-def _arrive(cnt_ptrs, TARGET):
-    # Counts this program in at its counter; True for the last of TARGET programs. The barrier orders every
-    # thread's partial-sum stores before the (release) atomic; the last program's reads of the others' partials
-    # come after its (acquire) atomic and are made through L2 (.cg), past any stale L1 line.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptrs, 1, sem="acq_rel")
-    return arrived == TARGET - 1
-
-
 # ---- gemv path, activation-stationary variant (config key STATIONARY): every lane owns K blocks ----------------------
 #
 # What stalls the base kernels (NOTES-moe.md): activations loaded from L1 inside each step, right before their FMAs,
@@ -551,7 +542,7 @@ def _arrive(cnt_ptrs, TARGET):
 # splits them once, and then streams the rows it owns in that block: per row one LDG.128 of words (32 values), one
 # scale byte and 32 FFMAs after the decode, no activation load. Lanes past the program's K range are masked (their
 # words and activations read as 0). The sum over the blocks (across lanes) is taken once per program, at the end;
-# split partials and the fused k-sum as described above (_arrive).
+# split partials and the fused k-sum as described above (sync.last_to_arrive).
 
 @triton.jit
 def _st_load(w_ptr, w_offs, stride_w_h, s_ptr, s_offs, stride_s_h, x_ptr, x_row, c0, offs_b, offs_w, b_hi,
@@ -681,7 +672,7 @@ def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
         tl.store(part_ptrs + pid_s * 2 * I, gate, mask=mask_n)
         tl.store(part_ptrs + pid_s * 2 * I + I, lin, mask=mask_n)
         cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
-        if _arrive(cnt_ptrs, SPLIT_K):
+        if last_to_arrive(cnt_ptrs, SPLIT_K):
             gate = tl.load(bias_ptrs)
             lin = tl.load(bias_ptrs + stride_b_h)
             for s in tl.static_range(SPLIT_K):  # split order, whichever program came last
@@ -727,7 +718,7 @@ def _mlp2_gemv_st_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
         if FUSE_SUM:
             tok = pid_p // TOP_K
             cnt_ptrs = cnt_ptr + tok * tl.num_programs(1) + pid_n
-            if _arrive(cnt_ptrs, TOP_K * SPLIT_K):
+            if last_to_arrive(cnt_ptrs, TOP_K * SPLIT_K):
                 total = tl.zeros([BLOCK_N], tl.float32)
                 for slot in range(TOP_K):  # slot order, then split order: whichever program came last
                     pair = tok * TOP_K + slot
@@ -741,7 +732,7 @@ def _mlp2_gemv_st_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                 tl.store(cnt_ptrs, 0)
         else:
             cnt_ptrs = cnt_ptr + pid_p * tl.num_programs(1) + pid_n
-            if _arrive(cnt_ptrs, SPLIT_K):
+            if last_to_arrive(cnt_ptrs, SPLIT_K):
                 v = tl.load(b_ptr + e * stride_b_e + rows)
                 for s in tl.static_range(SPLIT_K):
                     v += tl.load(part_ptr + (pid_p * SPLIT_K + s) * D + rows, cache_modifier=".cg")
