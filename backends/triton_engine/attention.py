@@ -288,6 +288,40 @@ def prefill_attention(q, k_cache, v_cache, sinks, batch: Batch, sliding_window: 
     return out
 
 
+@triton.jit
+def _split_band(pos, ctx, pid_p, num_splits, SLIDING_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The band of keys a query at pos sees, [lo, hi), and the blocks [block_start, block_end) of it that split
+    # pid_p takes. The splits share the band as evenly as the *real* length allows (the grid's split count comes
+    # from host maxima that may only be upper bounds).
+    hi = tl.minimum(ctx, pos + 1)
+    if SLIDING_WINDOW > 0:
+        lo = tl.maximum(pos - SLIDING_WINDOW + 1, 0)
+    else:
+        lo = 0
+    num_blocks = tl.cdiv(hi - lo, BLOCK_N)
+    blocks_per_split = tl.cdiv(num_blocks, num_splits)
+    block_start = pid_p * blocks_per_split
+    return lo, hi, block_start, tl.minimum(block_start + blocks_per_split, num_blocks)
+
+
+@triton.jit
+def _finish_split(acc, l_i, m_i, sink, Out, M_part, L_part, Acc_part, token, pid_s, pid_p, heads, mask_g, offs_d,
+                  stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p,
+                  ONE_SPLIT: tl.constexpr, BF16_RTNE: tl.constexpr):
+    # One split's end: with ONE_SPLIT normalise here (the sink's mass included) and write the output; else store
+    # the split's running max, normaliser and accumulator for the merge.
+    if ONE_SPLIT:
+        out = _round_to(acc / (l_i + tl.math.exp2(sink - m_i))[:, None], Out.dtype.element_ty, BF16_RTNE)
+        tl.store(Out + token * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :], out, mask=mask_g[:, None])
+    else:
+        ml_offs = pid_s * stride_ml_s + heads * stride_ml_h + pid_p
+        tl.store(M_part + ml_offs, m_i, mask=mask_g)
+        tl.store(L_part + ml_offs, l_i, mask=mask_g)
+        acc_ptrs = (Acc_part + pid_s * stride_acc_s + heads[:, None] * stride_acc_h + pid_p * stride_acc_p
+                    + offs_d[None, :])
+        tl.store(acc_ptrs, acc, mask=mask_g[:, None])
+
+
 # ================================================================================================
 # Decode (one new token per sequence): split-KV, then merge
 # ================================================================================================
@@ -314,17 +348,7 @@ def _decode_split_kernel(Q, K_cache, V_cache, Sinks, Out, M_part, L_part, Acc_pa
     ctx = tl.load(Context_lens + pid_s).to(tl.int32)
     row = tl.load(Cache_rows + pid_s).to(tl.int64)
 
-    # The band of keys this query sees: [lo, hi). The splits share its blocks as evenly as the *real*
-    # length allows (the grid's split count comes from host maxima that may only be upper bounds).
-    hi = tl.minimum(ctx, pos + 1)
-    if SLIDING_WINDOW > 0:
-        lo = tl.maximum(pos - SLIDING_WINDOW + 1, 0)
-    else:
-        lo = 0
-    num_blocks = tl.cdiv(hi - lo, BLOCK_N)
-    blocks_per_split = tl.cdiv(num_blocks, num_splits)
-    block_start = pid_p * blocks_per_split
-    block_end = tl.minimum(block_start + blocks_per_split, num_blocks)
+    lo, hi, block_start, block_end = _split_band(pos, ctx, pid_p, num_splits, SLIDING_WINDOW, BLOCK_N)
 
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -349,19 +373,9 @@ def _decode_split_kernel(Q, K_cache, V_cache, Sinks, Out, M_part, L_part, Acc_pa
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_n[None, :], True,
                                              DOT_FP32, INPUT_PRECISION, BF16_RTNE)
 
-    if DIRECT:  # one split: normalise here (sink included) and skip the merge
-        out = acc / (l_i + tl.math.exp2(sink - m_i))[:, None]
-        if BF16_RTNE:
-            out = _to_bf16_rtne(out)
-        o_ptrs = Out + token * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_g[:, None])
-    else:
-        ml_offs = pid_s * stride_ml_s + heads * stride_ml_h + pid_p
-        tl.store(M_part + ml_offs, m_i, mask=mask_g)
-        tl.store(L_part + ml_offs, l_i, mask=mask_g)
-        acc_ptrs = (Acc_part + pid_s * stride_acc_s + heads[:, None] * stride_acc_h + pid_p * stride_acc_p
-                    + offs_d[None, :])
-        tl.store(acc_ptrs, acc, mask=mask_g[:, None])
+    _finish_split(acc, l_i, m_i, sink, Out, M_part, L_part, Acc_part, token, pid_s, pid_p, heads, mask_g, offs_d,
+                  stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p,
+                  DIRECT, BF16_RTNE)
 
 
 # P splits (padded to P_PAD), d head_dim: one (sequence, query head)'s partial softmax states -> output
@@ -558,17 +572,8 @@ def _rope_decode_kernel(Q, K, V, K_cache, V_cache, Sinks, Out, M_part, L_part, A
             tl.store(K_cache + row_w * stride_kc_r + pos_w * stride_kc_l + pid_kvh * stride_kc_h + offs_d, k_new)
             tl.store(V_cache + row_w * stride_vc_r + pos_w * stride_vc_l + pid_kvh * stride_vc_h + offs_d, v_new)
 
-    # The band [lo, hi) and this split's share of its blocks, as in _decode_split_kernel.
-    hi = tl.minimum(ctx, pos + 1)
-    if SLIDING_WINDOW > 0:
-        lo = tl.maximum(pos - SLIDING_WINDOW + 1, 0)
-    else:
-        lo = 0
+    lo, hi, block_start, block_end = _split_band(pos, ctx, pid_p, num_splits, SLIDING_WINDOW, BLOCK_N)
     cached_hi = tl.minimum(hi, pos)  # keys before the new token's own: in the cache, written by earlier steps
-    num_blocks = tl.cdiv(hi - lo, BLOCK_N)
-    blocks_per_split = tl.cdiv(num_blocks, num_splits)
-    block_start = pid_p * blocks_per_split
-    block_end = tl.minimum(block_start + blocks_per_split, num_blocks)
 
     sink = tl.load(Sinks + heads, mask=mask_g, other=0.0).to(tl.float32) * 1.4426950408889634
     m_i = sink
@@ -590,24 +595,16 @@ def _rope_decode_kernel(Q, K, V, K_cache, V_cache, Sinks, Out, M_part, L_part, A
         acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_n[None, :], True,
                                              DOT_FP32, INPUT_PRECISION, BF16_RTNE)
 
-    if MERGE == 0:  # one split: normalise here (sink included)
-        out = acc / (l_i + tl.math.exp2(sink - m_i))[:, None]
-        out = _round_to(out, Out.dtype.element_ty, BF16_RTNE)
-        tl.store(Out + token * stride_o_t + heads[:, None] * stride_o_h + offs_d[None, :], out, mask=mask_g[:, None])
-    else:
-        ml_offs = pid_s * stride_ml_s + heads * stride_ml_h + pid_p
-        tl.store(M_part + ml_offs, m_i, mask=mask_g)
-        tl.store(L_part + ml_offs, l_i, mask=mask_g)
-        acc_ptrs = (Acc_part + pid_s * stride_acc_s + heads[:, None] * stride_acc_h + pid_p * stride_acc_p
-                    + offs_d[None, :])
-        tl.store(acc_ptrs, acc, mask=mask_g[:, None])
-        if MERGE == 2:  # the last split of this (sequence, KV head) to finish merges them all, in split order
-            counter = Counters + pid_s * tl.num_programs(1) + pid_kvh
-            if last_to_arrive(counter, num_splits):
-                _merge_group(Out, Sinks, M_part, L_part, Acc_part, token, pid_s, heads, mask_g,
-                             stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h,
-                             stride_acc_p, num_splits, G_PAD, P_PAD, HEAD_DIM, BF16_RTNE)
-                tl.store(counter, 0)  # back to 0 for the next launch (every split of this launch has arrived)
+    _finish_split(acc, l_i, m_i, sink, Out, M_part, L_part, Acc_part, token, pid_s, pid_p, heads, mask_g, offs_d,
+                  stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h, stride_acc_p,
+                  MERGE == 0, BF16_RTNE)
+    if MERGE == 2:  # the last split of this (sequence, KV head) to finish merges them all, in split order
+        counter = Counters + pid_s * tl.num_programs(1) + pid_kvh
+        if last_to_arrive(counter, num_splits):
+            _merge_group(Out, Sinks, M_part, L_part, Acc_part, token, pid_s, heads, mask_g,
+                         stride_o_t, stride_o_h, stride_ml_s, stride_ml_h, stride_acc_s, stride_acc_h,
+                         stride_acc_p, num_splits, G_PAD, P_PAD, HEAD_DIM, BF16_RTNE)
+            tl.store(counter, 0)  # back to 0 for the next launch (every split of this launch has arrived)
 
 
 # G_PAD query heads of one KV head, P splits (padded to P_PAD), d head_dim: the splits' partial softmax states
