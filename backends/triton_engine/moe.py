@@ -1255,7 +1255,7 @@ def _deq_bf16(cfg: dict, join: bool, x: torch.Tensor, w: MoEWeights) -> bool:
     # Whether the dot kernels decode straight into bf16 (_slot_bf16): bf16 activations, joined lanes (or SWAP),
     # scale bytes <= 128 (checked at load); config key DEQ_BF16 (default on) turns it off for comparisons.
     return bool(cfg.get("DEQ_BF16", True) and (join or cfg.get("SWAP", False)) and x.dtype == torch.bfloat16
-                and w.small_scales and not w.big_scales)
+                and w.small_scales)
 
 
 def _swap(cfg: dict, join: bool, x: torch.Tensor, w: MoEWeights) -> bool:
