@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("triton", reason="the triton engine's kernels need the triton package")
 
 from mxmoe.backends.reference import TorchBackend  # noqa: E402
-from mxmoe.backends.triton_engine import moe  # noqa: E402
+from mxmoe.backends.triton_engine import moe, moe_mma  # noqa: E402
 from mxmoe.core import mxfp4  # noqa: E402
 from mxmoe.core.backend import NotSupported  # noqa: E402
 from mxmoe.core.weights import ExpertLinear  # noqa: E402
@@ -57,7 +57,15 @@ SMALL = {
                      mlp2=dict(BLOCK_N=32, BLOCK_B=4, num_warps=4, JOIN=False, SWAP=True)),
     "prefill": dict(path="prefill", BLOCK_T=32, mlp1=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True),
                     mlp2=dict(BLOCK_N=64, BLOCK_B=2, num_warps=4, JOIN=True)),
+    # The tensor-core gemv kernels (moe_mma.py; Gluon, CUDA only): two chunks per iteration / the next chunk
+    # prefetched, 16-row tiles past N, partial last chunks; and the best tiles of the H200 sweep.
+    "gemv_mma": dict(path="gemv", mlp1=dict(MMA=True, NT=1, NW=2, UNROLL=2, PREFETCH=0),
+                     mlp2=dict(MMA=True, NT=2, NW=1, UNROLL=1, PREFETCH=1)),
+    "gemv_mma_real": dict(path="gemv", **moe_mma.CONFIG),
 }
+# moe_mma's kernels have no interpreter: on a CPU the "mma" configs would run the portable fallback instead.
+MMA_ONLY_ON_CUDA = pytest.mark.skipif(DEVICE != "cuda", reason="Gluon (tensor-core) kernels run on CUDA only; "
+                                      "test_mma_configs_fall_back_where_gluon_cannot_run covers the CPU")
 
 
 @pytest.fixture(autouse=True)
@@ -191,7 +199,13 @@ def test_routing_kernel_matches_stable_sort(T, E, k, block_t, pool):
                                            ("gemv_st_real", 1, 160, 64, 4),
                                            ("dot", 5, 96, 64, 4), ("dot", 20, 64, 96, 4), ("prefill", 3, 64, 96, 4),
                                            ("dot_bf16", 20, 96, 96, 4), ("dot_swap", 20, 96, 96, 4),
-                                           ("dot_swap", 3, 160, 64, 2)])
+                                           ("dot_swap", 3, 160, 64, 2),
+                                           pytest.param("gemv_mma", 1, 160, 64, 4, marks=MMA_ONLY_ON_CUDA),
+                                           pytest.param("gemv_mma", 4, 96, 224, 2, marks=MMA_ONLY_ON_CUDA),
+                                           pytest.param("gemv_mma", 8, 352, 96, 4, marks=MMA_ONLY_ON_CUDA),
+                                           pytest.param("gemv_mma_real", 2, 160, 96, 4, marks=MMA_ONLY_ON_CUDA),
+                                           pytest.param("gemv_mma_real", 1, 2880, 2880, 4,
+                                                        marks=MMA_ONLY_ON_CUDA)])
 def test_paths_match_the_torch_engine(path, T, D, I, k):
     E = 8
     mlp1, mlp2 = _experts(10 + T, E, D, I)
@@ -266,7 +280,8 @@ def _extreme_inputs(scale_bytes: list[int], seed: int):
 
 
 @pytest.mark.parametrize("scale_bytes", [[0, 1], [0, 1, 254]])
-@pytest.mark.parametrize("path", ["gemv", "gemv_st", "dot", "dot_swap"])
+@pytest.mark.parametrize("path", ["gemv", "gemv_st", "dot", "dot_swap",
+                                  pytest.param("gemv_mma", marks=MMA_ONLY_ON_CUDA)])
 def test_e8m0_extreme_scales(scale_bytes, path):
     mlp1, mlp2, x, ew, idx = _extreme_inputs(scale_bytes, 20 + len(scale_bytes))
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
@@ -378,6 +393,30 @@ def test_gemv_family_is_chosen_by_config_keys():
         moe.gemv_family(dict(BLOCK_N=32, BLOCK_B=8, num_warps=4, PREFETCH=2, SPLIT_K=4))
     for layer in ("mlp1", "mlp2"):
         assert moe.gemv_family(moe.CONFIGS["gemv"][layer]) in ("base", "stationary")
+        assert moe.gemv_family(moe_mma.CONFIG[layer]) == "mma"
+
+
+def test_mma_configs_fall_back_where_gluon_cannot_run():
+    # moe_mma.available() names the reason; the gemv path then runs GEMV_PORTABLE's kernels, bitwise the same as
+    # asking for them.
+    E, k, T, D, I = 4, 2, 2, 96, 64
+    mlp1, mlp2 = _experts(40, E, D, I)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(41)).to(torch.bfloat16)
+    assert "float32" in moe_mma.available(x.float().to(DEVICE), True) or DEVICE != "cuda"
+    assert moe_mma.available(x.to(DEVICE), False) is not None  # scale bytes > 128: no bf16 decode
+    if DEVICE != "cuda":
+        assert "CUDA" in moe_mma.available(x, True)
+        ew, idx = _routing(42, T, E, k)
+        ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+        SMALL["_portable"] = dict(path="gemv", **moe.GEMV_PORTABLE)
+        try:
+            portable = _run(x, ew, idx, w, "_portable")
+        finally:
+            del SMALL["_portable"]
+        fallback = _run(x, ew, idx, w, "gemv_mma")
+        _check(fallback, ref, spread)
+        assert torch.equal(fallback, portable)
 
 
 # ---- exactness at the bottom of the range (issue 11: the interpreter's conversions of subnormals) ----------------

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine import moe_mma
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 from mxmoe.backends.triton_engine.sync import last_to_arrive
 from mxmoe.core import mxfp4
@@ -1081,11 +1082,15 @@ GEMV_BASE = dict(mlp1=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=2),
                  mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0))
 GEMV_ST = dict(mlp1=dict(STATIONARY=True, BLOCK_N=16, BLOCK_B=32, num_warps=4, SPLIT_K=3),
                mlp2=dict(STATIONARY=True, BLOCK_N=16, BLOCK_B=32, num_warps=4, SPLIT_K=3, FUSE_SUM=True))
+# The portable gemv kernels, the H200 sweep's winner of 2026-12-01 (NOTES-moe.md): mlp1 activation-stationary 21.9 us
+# vs base 22.0, mlp2 base. They also run where a config of the tensor-core kernels (moe_mma.py) cannot.
+GEMV_PORTABLE = dict(mlp1=dict(BLOCK_N=16, BLOCK_B=32, num_warps=4, PREFETCH=0, SPLIT_K=1, STATIONARY=True),
+                     mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0))
 CONFIGS = {
-    # The one line that selects the gemv kernels: the H200 sweep's winner (2026-12-01, NOTES-moe.md): mlp1
-    # activation-stationary 21.9 us vs base 22.0, mlp2 base (no stationary config beat it).
-    "gemv": dict(mlp1=dict(BLOCK_N=16, BLOCK_B=32, num_warps=4, PREFETCH=0, SPLIT_K=1, STATIONARY=True),
-                 mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0)),
+    # The gemv path. The tensor-core kernels of moe_mma.py (configs with MMA) are correct on the H200 but slower
+    # than these in every tile tried (2026-12-02: mlp1 23.0 us vs 21.4, mlp2 19.8 vs 14.6; NOTES-moe.md, session 5),
+    # so they are not the default.
+    "gemv": GEMV_PORTABLE,
     # "dot": the H200 sweeps of 2026-12-02 (tests/benchmarks/gpu/moe_bf16.py, NOTES-moe.md run 4) at T = 64: the bf16
     # decode with SWAP, op 307.7 us against 392.7 for the previous default (BN128 JOIN, fp16 -> fp32 decode). With
     # fp32 activations (no bf16 decode) these tiles run the split-lane kernels.
@@ -1152,9 +1157,12 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
 
 
 def gemv_family(cfg: dict) -> str:
-    """The gemv kernels a layer config selects: "stationary" (key STATIONARY true: lanes own K blocks, activations
-    loaded once per chunk; SPLIT_K, PREFETCH 0/1, FUSE_SUM as below) or "base". SPLIT_K without STATIONARY named
-    the split family, which was removed (it lost to the base kernels in every H200 config): refused."""
+    """The gemv kernels a layer config selects: "mma" (key MMA true: the tensor-core kernels of moe_mma.py, NT, NW,
+    UNROLL, PREFETCH), "stationary" (key STATIONARY true: lanes own K blocks, activations loaded once per chunk;
+    SPLIT_K, PREFETCH 0/1, FUSE_SUM as below) or "base". SPLIT_K without STATIONARY named the split family, which
+    was removed (it lost to the base kernels in every H200 config): refused."""
+    if cfg.get("MMA", False):
+        return "mma"
     if cfg.get("STATIONARY", False):
         return "stationary"
     if "SPLIT_K" in cfg or "FUSE_SUM" in cfg:
@@ -1223,8 +1231,15 @@ def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
 
 
 def launch_mlp1_gemv_any(x, idx, w: MoEWeights, h, cfg, alpha, limit):
-    """mlp1 through the gemv kernels that ``cfg`` selects (:func:`gemv_family`)."""
+    """mlp1 through the gemv kernels that ``cfg`` selects (:func:`gemv_family`); an "mma" config runs
+    GEMV_PORTABLE's kernels where moe_mma.available() says it cannot run."""
     fam = gemv_family(cfg)
+    if fam == "mma":
+        if moe_mma.available(x, w.small_scales) is None:
+            moe_mma.launch_mlp1_mma(x, idx, w, h, cfg, alpha, limit)
+            return
+        cfg = GEMV_PORTABLE["mlp1"]
+        fam = gemv_family(cfg)
     (launch_mlp1_gemv_st if fam == "stationary" else launch_mlp1_gemv)(x, idx, w, h, cfg, alpha, limit)
 
 
@@ -1232,6 +1247,12 @@ def launch_mlp2_gemv_any(h, idx, ew, w: MoEWeights, y, out, cfg) -> bool:
     """mlp2 through the gemv kernels that ``cfg`` selects; True if they wrote ``out`` (FUSE_SUM), else the
     weighted rows ``y`` for :func:`launch_sum_slots`."""
     fam = gemv_family(cfg)
+    if fam == "mma":
+        if moe_mma.available(h, w.small_scales) is None:
+            moe_mma.launch_mlp2_mma(h, idx, ew, w, y, cfg)
+            return False
+        cfg = GEMV_PORTABLE["mlp2"]
+        fam = gemv_family(cfg)
     if fam == "base":
         launch_mlp2_gemv(h, idx, ew, w, y, cfg)
         return False
