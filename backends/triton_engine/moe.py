@@ -1158,7 +1158,7 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
 
 def gemv_family(cfg: dict) -> str:
     """The gemv kernels a layer config selects: "mma" (key MMA true: the tensor-core kernels of moe_mma.py, NT, NW,
-    UNROLL, PREFETCH), "stationary" (key STATIONARY true: lanes own K blocks, activations loaded once per chunk;
+    UNROLL, PREFETCH, STAGES), "stationary" (key STATIONARY true: lanes own K blocks, activations loaded once per chunk;
     SPLIT_K, PREFETCH 0/1, FUSE_SUM as below) or "base". SPLIT_K without STATIONARY named the split family, which
     was removed (it lost to the base kernels in every H200 config): refused."""
     if cfg.get("MMA", False):

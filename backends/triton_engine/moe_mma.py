@@ -6,30 +6,31 @@ the H200 (NOTES-moe.md). Here the decoded weights go straight into ``mma.sync.m1
 accumulators): the 16 x 8 x 16 product takes 128 weight values a warp per instruction, so what is left per value
 is the decode itself (shifts, masks and one bf16x2 multiply by the block scale, as ``moe._slot_bf16``).
 
-The kernels are written in Gluon (Triton's layout-explicit dialect) because the whole point is that no value
-moves between threads: every lane loads, from global memory, exactly the words and activations its MMA fragments
-need. That works with the weights in the layout moe.py already keeps (``pack_words``), through a free choice:
-a dot product may sum over K in any order, as long as both operands use the same one. Within a chunk of four
-32-value blocks, lane q (0..3) of every group of four lanes takes all 32 values of block q, for both operands:
+On the H200 they are correct but slower than the portable kernels in every tile tried (mlp1 23.0 us vs 21.4,
+mlp2 19.8 vs 14.6 at one token): ``moe.CONFIGS`` does not select them; ``CONFIG`` below and
+tests/benchmarks/gpu/moe_mma.py keep them measurable (NOTES-moe.md, session 5: what was measured, what is next).
 
-* the B operand (weights, [K, N]): a lane's fragment is one column n and, per 16-wide K step, positions
+The kernels are written in Gluon (Triton's layout-explicit dialect) because the point is that no value moves
+between threads: every lane loads, from global memory, exactly the words and activations its MMA fragments need.
+That works with the weights in the layout moe.py already keeps (``pack_words``), through a free choice: a dot
+product may sum over K in any order, as long as both operands use the same one. Within a chunk of four 32-value
+blocks, lane q (0..3) of every group of four lanes takes all 32 values of block q, for both operands:
+
+* the A operand (weights, [M rows, K]): a lane's fragment is rows g and g + 8 and, per 16-wide K step, positions
   ``2q, 2q+1, 2q+8, 2q+9``; over the chunk's 8 steps that is 32 positions, mapped to the 32 values of block q of
-  row n: 16 contiguous bytes, one 128-bit load, and one scale byte;
-* the A operand (activations, [M, K], tokens as rows): the same 32 positions of block q of the token's row, 64
-  contiguous bytes.
+  each of its two rows: 16 contiguous bytes (one 128-bit load) and one scale byte a row;
+* the B operand (activations, [K, 8 columns], every column the pair's token): the same 32 positions of block q of
+  the token's row, 64 contiguous bytes.
 
-The mapping (in-chunk K position kk = 32w + 16j1 + 8j0 + 2q + e for element 8j + 2w + e of block q, j = 2 j1 + j0
-the word's slot, w the word, e the 16-bit lane) is the one ``pack_words`` already implies for a slot's decode;
-the kernels express it as a join / permute / reshape of the loaded tiles, and ``convert_layout(...,
-assert_trivial=True)`` makes the compiler prove that it moves no data.
+The order: in-chunk K position kk = 64 j1 + 32 j0 + 16 w1 + 8 w0 + 2q + e for the element 8j + 2w + e of block q
+that slot j = 2 j1 + j0 of word w = 2 w1 + w0 decodes (e the 16-bit lane); the kernels express it as a join /
+permute / reshape of the loaded tiles, and ``convert_layout(..., assert_trivial=True)`` makes the compiler prove
+that it moves no data. mlp1 puts an output's gate row at tile row g and its linear row at g + 8, so a lane holds
+both accumulators of one SwiGLU input. Column 0 of the result is the pair's row.
 
-Rows of the MMA are tokens: with the gemv path's one program per (token, slot) pair, row 0 is the pair's token
-and rows 1-15 are zero (the tensor cores have time to spare at batch 1). Columns: mlp1 interleaves gate and
-linear rows (column 2o gate, 2o+1 linear of output o), so each accumulator pair a lane holds is one SwiGLU input.
-
-Gluon has no interpreter: these kernels run on CUDA only, are chosen only where ``available()`` says so, and are
-checked on the GPU (tests/test_triton_moe.py, tests/benchmarks/gpu/moe_mma.py, the conformance suite) against ``moe_mxfp4_ref``.
-Elsewhere (and for fp32 activations or scale bytes > 128) the gemv kernels of moe.py run.
+Gluon has no interpreter: these kernels run on CUDA only, where ``available()`` says so, and were checked on the
+H200 (tests/test_triton_moe.py, tests/benchmarks/gpu/moe_mma.py) against ``moe_mxfp4_ref`` and the float64 oracle.
+Elsewhere (and for fp32 activations or scale bytes > 128) an "mma" config runs moe.GEMV_PORTABLE's kernels.
 """
 
 from __future__ import annotations
