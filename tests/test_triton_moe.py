@@ -62,6 +62,9 @@ SMALL = {
     "gemv_mma": dict(path="gemv", mlp1=dict(MMA=True, NT=1, NW=2, UNROLL=2, PREFETCH=0),
                      mlp2=dict(MMA=True, NT=2, NW=1, UNROLL=1, PREFETCH=1)),
     "gemv_mma_real": dict(path="gemv", **moe_mma.CONFIG),
+    # K split over programs (the last of a tile sums the partials), with empty splits at these K; tiled words.
+    "gemv_mma_split": dict(path="gemv", mlp1=dict(MMA=True, NT=1, NW=1, STAGES=3, SPLIT=3, TILED=True),
+                           mlp2=dict(MMA=True, NT=1, NW=2, STAGES=2, SPLIT=4)),
 }
 # moe_mma's kernels have no interpreter: on a CPU the "mma" configs would run the portable fallback instead.
 MMA_ONLY_ON_CUDA = pytest.mark.skipif(DEVICE != "cuda", reason="Gluon (tensor-core) kernels run on CUDA only; "
@@ -205,7 +208,9 @@ def test_routing_kernel_matches_stable_sort(T, E, k, block_t, pool):
                                            pytest.param("gemv_mma", 8, 352, 96, 4, marks=MMA_ONLY_ON_CUDA),
                                            pytest.param("gemv_mma_real", 2, 160, 96, 4, marks=MMA_ONLY_ON_CUDA),
                                            pytest.param("gemv_mma_real", 1, 2880, 2880, 4,
-                                                        marks=MMA_ONLY_ON_CUDA)])
+                                                        marks=MMA_ONLY_ON_CUDA),
+                                           pytest.param("gemv_mma_split", 1, 160, 64, 4, marks=MMA_ONLY_ON_CUDA),
+                                           pytest.param("gemv_mma_split", 8, 352, 96, 2, marks=MMA_ONLY_ON_CUDA)])
 def test_paths_match_the_torch_engine(path, T, D, I, k):
     E = 8
     mlp1, mlp2 = _experts(10 + T, E, D, I)
@@ -363,7 +368,9 @@ def test_default_path_choice_depends_on_shapes_only():
 
 @pytest.mark.parametrize("fused,unfused,bad", [
     ("gemv_st", "gemv_st1", dict(STATIONARY=True, BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=2, SPLIT_K=2)),
-    ("gemv_st", "gemv_st1", dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0, SPLIT_K=2))])  # removed family
+    ("gemv_st", "gemv_st1", dict(BLOCK_N=32, BLOCK_B=2, num_warps=4, PREFETCH=0, SPLIT_K=2)),  # removed family
+    pytest.param("gemv_mma_split", "gemv_mma", dict(MMA=True, NT=1, NW=1, SPLIT=2, STAGES=0),  # no cp.async loop
+                 marks=MMA_ONLY_ON_CUDA)])
 def test_split_kernels_leave_counters_at_zero_and_repeat_bitwise(fused, unfused, bad):
     # The K-split kernels' last program per tile resets its counter: a second call (as a CUDA-graph replay would)
     # must see all counters at 0 and give the same bits; the unfused and fused mlp2 agree to fp32 rounding.

@@ -1088,8 +1088,8 @@ GEMV_PORTABLE = dict(mlp1=dict(BLOCK_N=16, BLOCK_B=32, num_warps=4, PREFETCH=0, 
                      mlp2=dict(BLOCK_N=8, BLOCK_B=16, num_warps=4, PREFETCH=0))
 CONFIGS = {
     # The gemv path. The tensor-core kernels of moe_mma.py (configs with MMA) are correct on the H200 but slower
-    # than these in every tile tried (2026-12-02: mlp1 23.0 us vs 21.4, mlp2 19.8 vs 14.6; NOTES-moe.md, session 5),
-    # so they are not the default.
+    # than these in every tile tried on these words (2026-12-02: mlp1 23.0 us vs 21.4, mlp2 19.8 vs 14.6), and in the
+    # decode step even on tiled words (2.65-2.70 ms vs 2.09-2.18; NOTES-moe.md, sessions 5-6): not the default.
     "gemv": GEMV_PORTABLE,
     # "dot": the H200 sweeps of 2026-12-02 (tests/benchmarks/gpu/moe_bf16.py, NOTES-moe.md run 4) at T = 64: the bf16
     # decode with SWAP, op 307.7 us against 392.7 for the previous default (BN128 JOIN, fp16 -> fp32 decode). With

@@ -6,9 +6,11 @@ the H200 (NOTES-moe.md). Here the decoded weights go straight into ``mma.sync.m1
 accumulators): the 16 x 8 x 16 product takes 128 weight values a warp per instruction, so what is left per value
 is the decode itself (shifts, masks and one bf16x2 multiply by the block scale, as ``moe._slot_bf16``).
 
-On the H200 they are correct but slower than the portable kernels in every tile tried (mlp1 23.0 us vs 21.4,
-mlp2 19.8 vs 14.6 at one token): ``moe.CONFIGS`` does not select them; ``CONFIG`` below and
-tests/benchmarks/gpu/moe_mma.py keep them measurable (NOTES-moe.md, session 5: what was measured, what is next).
+On the H200 they are correct but not faster where it counts: on the words as every other kernel reads them, slower
+than the portable kernels in every tile tried (mlp1 23.0 us vs 21.4, mlp2 19.8 vs 14.6 at one token); on a tiled
+copy of the words (``TILED``, measurement only) with mlp2's K split over programs (``SPLIT``) the op is 4% faster
+alone, yet the decode step with them is 25% slower (NOTES-moe.md, sessions 5-6). ``moe.CONFIGS`` does not select
+them; ``CONFIG`` below and tests/benchmarks/gpu/moe_mma.py keep them measurable.
 
 The kernels are written in Gluon (Triton's layout-explicit dialect) because the point is that no value moves
 between threads: every lane loads, from global memory, exactly the words and activations its MMA fragments need.
@@ -146,10 +148,18 @@ if gluon is not None:
         return gl.convert_layout(v, B_L, assert_trivial=True)
 
     @gluon.jit
-    def _load_w(w_rows, s_rows, c, offs_q, offs_w, nq):
+    def _woff(blk, TILED: gl.constexpr):
+        # Word offset of block blk within a row: rows of words, or (TILED) tiles of 4 blocks x 16 rows (tile_words).
+        if TILED:
+            return (blk >> 2) * 256 + (blk & 3) * 4
+        else:
+            return blk * 4
+
+    @gluon.jit
+    def _load_w(w_rows, s_rows, c, offs_q, offs_w, nq, TILED: gl.constexpr):
         # Chunk c's words [4, BM, 4] and scale bytes [4, BM]; with nq < 4 (the last chunk) blocks q >= nq are zeros.
         blk = c * 4 + offs_q
-        wq = gl.expand_dims(gl.expand_dims(blk * 4, 1), 2) + gl.expand_dims(gl.expand_dims(offs_w, 0), 1)
+        wq = gl.expand_dims(gl.expand_dims(_woff(blk, TILED), 1), 2) + gl.expand_dims(gl.expand_dims(offs_w, 0), 1)
         sq = gl.expand_dims(blk, 1)
         if nq < 4:
             mq = gl.expand_dims(offs_q < nq, 1)
@@ -174,9 +184,9 @@ if gluon is not None:
         return x
 
     @gluon.jit
-    def _load_wb(w_rows, s_rows, blk, offs_w, MASKED: gl.constexpr, NB):
+    def _load_wb(w_rows, s_rows, blk, offs_w, MASKED: gl.constexpr, NB, TILED: gl.constexpr):
         # As _load_w for lane q's block blk[q] (any blocks; zeros past NB if MASKED).
-        wq = gl.expand_dims(gl.expand_dims(blk * 4, 1), 2) + gl.expand_dims(gl.expand_dims(offs_w, 0), 1)
+        wq = gl.expand_dims(gl.expand_dims(_woff(blk, TILED), 1), 2) + gl.expand_dims(gl.expand_dims(offs_w, 0), 1)
         sq = gl.expand_dims(blk, 1)
         if MASKED:
             mq = sq < NB
@@ -199,7 +209,7 @@ if gluon is not None:
 
     @gluon.jit
     def _k_loop_span(w_rows, s_rows, x_row, NB, acc, LW: gl.constexpr, LX: gl.constexpr, A_L: gl.constexpr,
-                     B_L: gl.constexpr):
+                     B_L: gl.constexpr, TILED: gl.constexpr):
         # _k_loop with each lane's blocks contiguous: in a group of 16 blocks lane q takes blocks 4q .. 4q + 3 (one
         # per sub-chunk, all four loaded before any is multiplied), so the 4 lanes of a row read 256 contiguous
         # bytes at once instead of 64 (DRAM row-buffer locality).
@@ -212,10 +222,10 @@ if gluon is not None:
         for g in range(groups):
             b = g * 16 + offs_q * 4
             bx = g * 16 + offs_qx * 4
-            w0, s0 = _load_wb(w_rows, s_rows, b, offs_w, False, NB)
-            w1, s1 = _load_wb(w_rows, s_rows, b + 1, offs_w, False, NB)
-            w2, s2 = _load_wb(w_rows, s_rows, b + 2, offs_w, False, NB)
-            w3, s3 = _load_wb(w_rows, s_rows, b + 3, offs_w, False, NB)
+            w0, s0 = _load_wb(w_rows, s_rows, b, offs_w, False, NB, TILED)
+            w1, s1 = _load_wb(w_rows, s_rows, b + 1, offs_w, False, NB, TILED)
+            w2, s2 = _load_wb(w_rows, s_rows, b + 2, offs_w, False, NB, TILED)
+            w3, s3 = _load_wb(w_rows, s_rows, b + 3, offs_w, False, NB, TILED)
             x0 = _load_xb(x_row, bx, offs_c, offs_v, False, NB)
             x1 = _load_xb(x_row, bx + 1, offs_c, offs_v, False, NB)
             x2 = _load_xb(x_row, bx + 2, offs_c, offs_v, False, NB)
@@ -226,7 +236,7 @@ if gluon is not None:
             acc = _mma_chunk(acc, w3, s3, x3, A_L, B_L)
         if NB > groups * 16:  # the last, partial group
             for j in gl.static_range(4):
-                w, sc = _load_wb(w_rows, s_rows, groups * 16 + offs_q * 4 + j, offs_w, True, NB)
+                w, sc = _load_wb(w_rows, s_rows, groups * 16 + offs_q * 4 + j, offs_w, True, NB, TILED)
                 xw = _load_xb(x_row, groups * 16 + offs_qx * 4 + j, offs_c, offs_v, True, NB)
                 acc = _mma_chunk(acc, w, sc, xw, A_L, B_L)
         return acc
@@ -237,7 +247,7 @@ if gluon is not None:
 
     @gluon.jit
     def _k_loop(w_rows, s_rows, x_row, NB, acc, LW: gl.constexpr, LX: gl.constexpr, A_L: gl.constexpr,
-                B_L: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr):
+                B_L: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr, TILED: gl.constexpr):
         # acc [BM, 8] += W [BM, K] @ X^T [K, 8] over the chunks of 4 blocks (every column of X is the pair's token).
         # More bytes in flight per warp: UNROLL 2 loads two chunks before multiplying either; PREFETCH 1 (with
         # UNROLL 1) loads the next chunk before multiplying the current one.
@@ -250,43 +260,48 @@ if gluon is not None:
         done = 0
         if UNROLL == 2:
             for c2 in range(0, full // 2):
-                wa, sa = _load_w(w_rows, s_rows, 2 * c2, offs_q, offs_w, 4)
+                wa, sa = _load_w(w_rows, s_rows, 2 * c2, offs_q, offs_w, 4, TILED)
                 xa = _load_x(x_row, 2 * c2, offs_c, offs_qx, offs_v, 4)
-                wb, sb = _load_w(w_rows, s_rows, 2 * c2 + 1, offs_q, offs_w, 4)
+                wb, sb = _load_w(w_rows, s_rows, 2 * c2 + 1, offs_q, offs_w, 4, TILED)
                 xb = _load_x(x_row, 2 * c2 + 1, offs_c, offs_qx, offs_v, 4)
                 acc = _mma_chunk(acc, wa, sa, xa, A_L, B_L)
                 acc = _mma_chunk(acc, wb, sb, xb, A_L, B_L)
             done = full - full % 2
         elif PREFETCH:
             if full > 0:
-                words, scales = _load_w(w_rows, s_rows, 0, offs_q, offs_w, 4)
+                words, scales = _load_w(w_rows, s_rows, 0, offs_q, offs_w, 4, TILED)
                 xw = _load_x(x_row, 0, offs_c, offs_qx, offs_v, 4)
                 for c in range(1, full):
-                    nwords, nscales = _load_w(w_rows, s_rows, c, offs_q, offs_w, 4)
+                    nwords, nscales = _load_w(w_rows, s_rows, c, offs_q, offs_w, 4, TILED)
                     nxw = _load_x(x_row, c, offs_c, offs_qx, offs_v, 4)
                     acc = _mma_chunk(acc, words, scales, xw, A_L, B_L)
                     words, scales, xw = nwords, nscales, nxw
                 acc = _mma_chunk(acc, words, scales, xw, A_L, B_L)
             done = full
         for c in range(done, full):
-            words, scales = _load_w(w_rows, s_rows, c, offs_q, offs_w, 4)
+            words, scales = _load_w(w_rows, s_rows, c, offs_q, offs_w, 4, TILED)
             xw = _load_x(x_row, c, offs_c, offs_qx, offs_v, 4)
             acc = _mma_chunk(acc, words, scales, xw, A_L, B_L)
         nq = NB - 4 * full
         if nq > 0:  # the last, partial chunk
-            words, scales = _load_w(w_rows, s_rows, full, offs_q, offs_w, nq)
+            words, scales = _load_w(w_rows, s_rows, full, offs_q, offs_w, nq, TILED)
             xw = _load_x(x_row, full, offs_c, offs_qx, offs_v, nq)
             acc = _mma_chunk(acc, words, scales, xw, A_L, B_L)
         return acc
 
     @gluon.jit
-    def _k_loop_async(w_rows, s_rows, x_row, NB, acc, LW: gl.constexpr, LX: gl.constexpr,
-                      A_L: gl.constexpr, B_L: gl.constexpr, STAGES: gl.constexpr):
-        # _k_loop with the weights streamed through a ring of STAGES chunks in shared memory by cp.async: STAGES - 1
-        # chunks in flight while one is decoded, at no register cost (each lane reads back only what it copied). The
-        # scale bytes and activations (1/16 of the bytes, and L2-resident) are loaded one chunk ahead.
+    def _k_loop_async(w_rows, s_rows, x_row, NB, c_lo, c_hi, acc, LW: gl.constexpr, LX: gl.constexpr,
+                      A_L: gl.constexpr, B_L: gl.constexpr, STAGES: gl.constexpr, TILED: gl.constexpr,
+                      ABLATE: gl.constexpr = 0):
+        # _k_loop over chunks c_lo .. c_hi - 1 (a split of K, or all of it) with the weights streamed through a ring
+        # of STAGES chunks in shared memory by cp.async: STAGES - 1 chunks in flight while one is decoded, at no
+        # register cost (each lane reads back only what it copied). The scale bytes and activations (1/16 of the
+        # bytes, and L2-resident) are loaded one chunk ahead.
+        # ABLATE (timing probes of tests/benchmarks/gpu/moe_mma.py, wrong results): bit 1 loads the first chunk's
+        # scale bytes only, bit 2 its activations only, 8 only streams the words (XOR-folded, no decode, no MMA).
         BM: gl.constexpr = acc.shape[0]
-        NC = (NB + 3) // 4  # chunks
+        nb = gl.minimum(NB, 4 * c_hi)  # blocks at or past nb are zeros (the split's end, or K's)
+        CW: gl.constexpr = 256 if TILED else 16  # words from one chunk of a row to the next
         ring = gl.allocate_shared_memory(gl.int32, [STAGES, 4, BM, 4], gl.SwizzledSharedLayout(1, 1, 1, [2, 0, 1]))
         offs_q = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW)))
         offs_w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
@@ -295,29 +310,70 @@ if gluon is not None:
         offs_c = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX)))
         wp = w_rows + gl.expand_dims(gl.expand_dims(offs_q * 4, 1), 2) + gl.expand_dims(gl.expand_dims(offs_w, 0), 1)
         for st in gl.static_range(STAGES - 1):
-            async_copy.async_copy_global_to_shared(ring.index(st), wp + 16 * st,
-                                                   mask=gl.expand_dims(gl.expand_dims(st * 4 + offs_q < NB, 1), 2))
+            async_copy.async_copy_global_to_shared(
+                ring.index(st), wp + CW * (c_lo + st),
+                mask=gl.expand_dims(gl.expand_dims((c_lo + st) * 4 + offs_q < nb, 1), 2))
             async_copy.commit_group()
         sq = gl.expand_dims(offs_q, 1)
-        scales = gl.load(s_rows + sq, mask=sq < NB, other=127)
+        scales = gl.load(s_rows + sq + 4 * c_lo, mask=sq + 4 * c_lo < nb, other=127)
         xq = (gl.expand_dims(gl.expand_dims(offs_c * 0, 1), 2) + gl.expand_dims(gl.expand_dims(offs_qx * 16, 0), 2)
-              + gl.expand_dims(gl.expand_dims(offs_v, 0), 1))  # chunk 0's activation pairs, as in _load_x
+              + gl.expand_dims(gl.expand_dims(offs_v, 0), 1))  # a chunk's activation pairs, as in _load_x
         xm = gl.expand_dims(gl.expand_dims(offs_qx, 0), 2)
-        xw = gl.load(x_row + xq, mask=xm < NB, other=0)
-        for c in range(NC):
+        xw = gl.load(x_row + xq + 64 * c_lo, mask=xm + 4 * c_lo < nb, other=0)
+        probe = gl.zeros([4, BM, 4], gl.int32, LW)
+        for i in range(c_hi - c_lo):
+            c = c_lo + i
             nxt = c + STAGES - 1
-            async_copy.async_copy_global_to_shared(ring.index(nxt % STAGES), wp + 16 * nxt,
-                                                   mask=gl.expand_dims(gl.expand_dims(nxt * 4 + offs_q < NB, 1), 2))
+            async_copy.async_copy_global_to_shared(ring.index((i + STAGES - 1) % STAGES), wp + CW * nxt,
+                                                   mask=gl.expand_dims(gl.expand_dims(nxt * 4 + offs_q < nb, 1), 2))
             async_copy.commit_group()
-            nsq = sq + 4 * (c + 1)
-            nscales = gl.load(s_rows + nsq, mask=nsq < NB, other=127)
-            nxw = gl.load(x_row + xq + 64 * (c + 1), mask=xm < NB - 4 * (c + 1), other=0)
+            nscales, nxw = scales, xw
+            if (ABLATE & 9) == 0:
+                nsq = sq + 4 * (c + 1)
+                nscales = gl.load(s_rows + nsq, mask=nsq < nb, other=127)
+            if (ABLATE & 10) == 0:
+                nxw = gl.load(x_row + xq + 64 * (c + 1), mask=xm + 4 * (c + 1) < nb, other=0)
             async_copy.wait_group(STAGES - 1)
-            words = ring.index(c % STAGES).load(LW)
-            acc = _mma_chunk(acc, words.to(gl.uint32, bitcast=True), scales, xw, A_L, B_L)
+            words = ring.index(i % STAGES).load(LW)
+            if ABLATE & 8:
+                probe = probe ^ words
+            else:
+                acc = _mma_chunk(acc, words.to(gl.uint32, bitcast=True), scales, xw, A_L, B_L)
             scales, xw = nscales, nxw
         async_copy.wait_group(0)
+        if ABLATE & 8:
+            folded = gl.sum(gl.sum(probe, 2), 0).to(gl.float32)
+            acc = acc + gl.expand_dims(gl.convert_layout(folded, gl.SliceLayout(1, acc.type.layout)), 1)
         return acc
+
+    @gluon.jit
+    def _split_chunks(NB, SPLIT: gl.constexpr):
+        # This program's chunks of 4 blocks, c_lo .. c_hi - 1: split program_id(2) of SPLIT equal ranges (the last
+        # ones may be short or empty).
+        nc = (NB + 3) // 4
+        per = (nc + SPLIT - 1) // SPLIT
+        c_lo = gl.program_id(2) * per
+        return c_lo, gl.minimum(nc, c_lo + per)
+
+    @gluon.jit
+    def _split_sum(v, part_ptr, cnt_ptr, group, pid_s, SPLIT: gl.constexpr, L1: gl.constexpr):
+        # K split in SPLIT programs: each stores its row sums v [BM] as partial pid_s of its group (one output tile of
+        # one pair); the last of the group to arrive (sync.last_to_arrive) sums the SPLIT partials in split order,
+        # so the result does not depend on which program came last, and puts the counter back to 0 for the next
+        # launch. Returns (the sums, True) in that program, (v, False) in the others.
+        BM: gl.constexpr = v.shape[0]
+        offs = gl.arange(0, BM, layout=L1)
+        base = part_ptr + group * (SPLIT * BM) + offs
+        gl.store(base + pid_s * BM, v)
+        gl.thread_barrier()
+        arrived = gl.atomic_add(cnt_ptr + group, 1, sem="acq_rel")
+        last = arrived == SPLIT - 1
+        if last:
+            v = gl.load(base, cache_modifier=".cg")
+            for s in gl.static_range(1, SPLIT):
+                v += gl.load(base + s * BM, cache_modifier=".cg")
+            gl.store(cnt_ptr + group, 0)
+        return v, last
 
     @gluon.jit
     def _column0(acc, L1: gl.constexpr):
@@ -333,10 +389,11 @@ if gluon is not None:
                          w_ptr, stride_w_e, stride_w_h, stride_w_n,
                          s_ptr, stride_s_e, stride_s_h, stride_s_n,
                          b_ptr, stride_b_e, stride_b_h,
-                         h_ptr, stride_h_p,
+                         h_ptr, stride_h_p, part_ptr, cnt_ptr,
                          NB, I, TOP_K, alpha, limit,
                          NT: gl.constexpr, NW: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr,
-                         STAGES: gl.constexpr, GDC: gl.constexpr):
+                         STAGES: gl.constexpr, TILED: gl.constexpr, SPLIT: gl.constexpr, GDC: gl.constexpr,
+                         ABLATE: gl.constexpr = 0):
         BM: gl.constexpr = 16 * NT * NW
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -352,24 +409,32 @@ if gluon is not None:
         r = gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
         o = pid_n * (BM // 2) + (r // 16) * 8 + r % 8
         o = gl.where(o < I, o, 0)  # rows past the end read row 0; their outputs are not stored
-        rows = e * stride_w_e + ((r // 8) % 2) * stride_w_h + o * stride_w_n
+        if TILED:  # tiles of 8 outputs' gate rows then their linear rows (tile_words); strides in blocks
+            rows = e * stride_w_e + (o // 8) * stride_w_n + (((r // 8) % 2) * 8 + o % 8) * 4
+        else:
+            rows = e * stride_w_e + ((r // 8) % 2) * stride_w_h + o * stride_w_n
         w_rows = w_ptr + gl.expand_dims(gl.expand_dims(rows * 4, 0), 2)
         s_rows = s_ptr + gl.expand_dims(e * stride_s_e + ((r // 8) % 2) * stride_s_h + o * stride_s_n, 0)
         x_row = x_ptr + (p // TOP_K) * stride_x_t * 16
         acc = gl.zeros([BM, 8], gl.float32, MMA)
         if UNROLL == 4:
-            acc = _k_loop_span(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L)
+            acc = _k_loop_span(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L, TILED)
         elif STAGES:
-            acc = _k_loop_async(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L, STAGES)
+            c_lo, c_hi = _split_chunks(NB, SPLIT)
+            acc = _k_loop_async(w_rows, s_rows, x_row, NB, c_lo, c_hi, acc, LW, LX, A_L, B_L, STAGES, TILED, ABLATE)
         else:
-            acc = _k_loop(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L, PREFETCH, UNROLL)
+            acc = _k_loop(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L, PREFETCH, UNROLL, TILED)
+        offs_o = pid_n * (BM // 2) + gl.arange(0, BM // 2, layout=L1)
+        mo = offs_o < I
+        v = _column0(acc, L1)
+        if SPLIT > 1:  # only the last program of the split writes
+            v, last = _split_sum(v, part_ptr, cnt_ptr, p * gl.num_programs(1) + pid_n, gl.program_id(2), SPLIT, L1)
+            mo = mo & last
         L2: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 1, 32], [1, 1, NW], [2, 1, 0])
-        v = gl.convert_layout(gl.reshape(_column0(acc, L1), [BM // 16, 2, 8]), L2)  # [tile, gate/linear, output]
+        v = gl.convert_layout(gl.reshape(v, [BM // 16, 2, 8]), L2)  # [tile, gate/linear, output]
         gate, lin = gl.split(gl.permute(v, [0, 2, 1]))
         gate = gl.convert_layout(gl.reshape(gate, [BM // 2]), L1)
         lin = gl.convert_layout(gl.reshape(lin, [BM // 2]), L1)
-        offs_o = pid_n * (BM // 2) + gl.arange(0, BM // 2, layout=L1)
-        mo = offs_o < I
         gate = gate + gl.load(b_ptr + e * stride_b_e + offs_o, mask=mo, other=0.0)
         lin = lin + gl.load(b_ptr + e * stride_b_e + stride_b_h + offs_o, mask=mo, other=0.0)
         # SwiGLU as moe._swiglu: clamp, gate * sigmoid(alpha * gate) * (lin + 1)
@@ -384,10 +449,11 @@ if gluon is not None:
                          w_ptr, stride_w_e, stride_w_n,
                          s_ptr, stride_s_e, stride_s_n,
                          b_ptr, stride_b_e,
-                         y_ptr, stride_y_p,
+                         y_ptr, stride_y_p, part_ptr, cnt_ptr,
                          NB, D,
                          NT: gl.constexpr, NW: gl.constexpr, PREFETCH: gl.constexpr, UNROLL: gl.constexpr,
-                         STAGES: gl.constexpr, GDC: gl.constexpr):
+                         STAGES: gl.constexpr, TILED: gl.constexpr, SPLIT: gl.constexpr, GDC: gl.constexpr,
+                         ABLATE: gl.constexpr = 0):
         BM: gl.constexpr = 16 * NT * NW
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -401,19 +467,29 @@ if gluon is not None:
         e = gl.load(idx_ptr + p).to(gl.int64)
         n = pid_n * BM + gl.arange(0, BM, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
         n = gl.where(n < D, n, 0)
-        w_rows = w_ptr + gl.expand_dims(gl.expand_dims((e * stride_w_e + n * stride_w_n) * 4, 0), 2)
+        if TILED:
+            rows = e * stride_w_e + (n // 16) * stride_w_n + (n % 16) * 4
+        else:
+            rows = e * stride_w_e + n * stride_w_n
+        w_rows = w_ptr + gl.expand_dims(gl.expand_dims(rows * 4, 0), 2)
         s_rows = s_ptr + gl.expand_dims(e * stride_s_e + n * stride_s_n, 0)
+        x_row = h_ptr + p * stride_h_p * 16
         acc = gl.zeros([BM, 8], gl.float32, MMA)
         if UNROLL == 4:
-            acc = _k_loop_span(w_rows, s_rows, h_ptr + p * stride_h_p * 16, NB, acc, LW, LX, A_L, B_L)
+            acc = _k_loop_span(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L, TILED)
         elif STAGES:
-            acc = _k_loop_async(w_rows, s_rows, h_ptr + p * stride_h_p * 16, NB, acc, LW, LX, A_L, B_L, STAGES)
+            c_lo, c_hi = _split_chunks(NB, SPLIT)
+            acc = _k_loop_async(w_rows, s_rows, x_row, NB, c_lo, c_hi, acc, LW, LX, A_L, B_L, STAGES, TILED, ABLATE)
         else:
-            acc = _k_loop(w_rows, s_rows, h_ptr + p * stride_h_p * 16, NB, acc, LW, LX, A_L, B_L, PREFETCH, UNROLL)
+            acc = _k_loop(w_rows, s_rows, x_row, NB, acc, LW, LX, A_L, B_L, PREFETCH, UNROLL, TILED)
         offs = pid_n * BM + gl.arange(0, BM, layout=L1)
         mo = offs < D
+        v = _column0(acc, L1)
+        if SPLIT > 1:  # only the last program of the split writes
+            v, last = _split_sum(v, part_ptr, cnt_ptr, p * gl.num_programs(1) + pid_n, gl.program_id(2), SPLIT, L1)
+            mo = mo & last
         weight = gl.load(ew_ptr + p + offs * 0).to(gl.float32)
-        y = (_column0(acc, L1) + gl.load(b_ptr + e * stride_b_e + offs, mask=mo, other=0.0)) * weight
+        y = (v + gl.load(b_ptr + e * stride_b_e + offs, mask=mo, other=0.0)) * weight
         gl.store(y_ptr + p * stride_y_p * 32 + offs, y, mask=mo)
 
 
@@ -421,25 +497,76 @@ def _word_strides(t: torch.Tensor, n: int) -> list[int]:
     return [s // 4 for s in t.stride()[:n]]  # in 32-value blocks (4 words): rows start 16-byte aligned
 
 
+def tile_words(w) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layers' words re-laid out in tiles (``TILED`` configs): every chunk of 4 blocks of a 16-row MMA tile is 1 KB
+    of contiguous memory (each warp load then covers whole DRAM bursts of one tile instead of 64 bytes of each of 8
+    rows). mlp1 (E, I/8, chunks, 2, 8, 4, 4): 8 outputs' gate rows, then their linear rows; mlp2 (E, D/16, chunks,
+    16, 4, 4). K is padded with zero blocks to whole chunks. A second copy of the experts: for measurement."""
+    E, _, I, W1 = w.w1.shape
+    D = w.w2.shape[1]
+    nb1, nb2 = W1 // 4, w.w2.shape[2] // 4
+    c1, c2 = triton.cdiv(nb1, 4), triton.cdiv(nb2, 4)
+    w1 = torch.nn.functional.pad(w.w1.view(E, 2, I, nb1, 4), (0, 0, 0, 4 * c1 - nb1))
+    w1 = w1.view(E, 2, I // 8, 8, c1, 4, 4).permute(0, 2, 4, 1, 3, 5, 6).contiguous()
+    w2 = torch.nn.functional.pad(w.w2.view(E, D, nb2, 4), (0, 0, 0, 4 * c2 - nb2))
+    w2 = w2.view(E, D // 16, 16, c2, 4, 4).permute(0, 1, 3, 2, 4, 5).contiguous()
+    return w1, w2
+
+
+def _tiled(w):
+    if "mma_tiled" not in w.scratch:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():  # the copy would replay each step
+            raise RuntimeError("moe_mma: TILED configs need one eager call before a CUDA graph captures them")
+        w.scratch["mma_tiled"] = tile_words(w)
+    return w.scratch["mma_tiled"]
+
+
+def _split_args(cfg, w, idx, tiles, device) -> tuple[int, list]:
+    """SPLIT and the (partials, counters) arguments of a launch: K split SPLIT ways (the cp.async loop only)."""
+    split = int(cfg.get("SPLIT", 1))
+    if split == 1:
+        return 1, [w.b1, w.b1]  # placeholders: the kernels read neither without a split
+    if split < 1 or not cfg.get("STAGES"):
+        raise ValueError(f"moe gemv mma config {cfg}: SPLIT > 1 needs the cp.async loop (STAGES > 0)")
+    from mxmoe.backends.triton_engine import moe  # (moe imports this module)
+    P = idx.numel()
+    part = moe._buffer((P * tiles * split * 16 * cfg["NT"] * cfg["NW"],), torch.float32, device)
+    return split, [part, moe._counters(w, P * tiles, idx.shape[1], device)]
+
+
+def _options(cfg) -> dict:
+    return dict(NT=cfg["NT"], NW=cfg["NW"], PREFETCH=int(cfg.get("PREFETCH", 1)), UNROLL=int(cfg.get("UNROLL", 1)),
+                STAGES=int(cfg.get("STAGES", 0)), TILED=bool(cfg.get("TILED", False)),
+                ABLATE=int(cfg.get("ABLATE", 0)), num_warps=cfg["NW"])
+
+
 def launch_mlp1_mma(x, idx, w, h, cfg, alpha, limit):
     """h (P, I) = SwiGLU(mlp1) per (token, slot) pair; x (T, D) bf16, idx (T, k) int64, w: moe.MoEWeights."""
     P, (T, D), I = idx.numel(), x.shape, w.intermediate
-    nt, nw = cfg["NT"], cfg["NW"]
-    _mlp1_mma_kernel[(P, triton.cdiv(I, 8 * nt * nw))](
-        x.view(torch.int32), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
-        h, I // 32, D // 32, I, idx.shape[1], alpha, limit,
-        NT=nt, NW=nw, PREFETCH=int(cfg.get("PREFETCH", 1)), UNROLL=int(cfg.get("UNROLL", 1)),
-        STAGES=int(cfg.get("STAGES", 0)), num_warps=nw,
-        **launch_options(x))
+    opts = _options(cfg)
+    if opts["TILED"]:
+        w1t = _tiled(w)[0]
+        w1_args = [w1t, w1t.stride(0) // 4, 0, w1t.stride(1) // 4]
+    else:
+        w1_args = [w.w1, *_word_strides(w.w1, 3)]
+    tiles = triton.cdiv(I, 8 * cfg["NT"] * cfg["NW"])
+    split, split_args = _split_args(cfg, w, idx, tiles, x.device)
+    _mlp1_mma_kernel[(P, tiles, split)](
+        x.view(torch.int32), D // 32, idx, *w1_args, w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
+        h, I // 32, *split_args, D // 32, I, idx.shape[1], alpha, limit, SPLIT=split, **opts, **launch_options(x))
 
 
 def launch_mlp2_mma(h, idx, ew, w, y, cfg):
     """y (P, D) fp32 = the pairs' weighted mlp2 rows (for moe.launch_sum_slots)."""
     P, D, I = idx.numel(), w.hidden, w.intermediate
-    nt, nw = cfg["NT"], cfg["NW"]
-    _mlp2_mma_kernel[(P, triton.cdiv(D, 16 * nt * nw))](
-        h.view(torch.int32), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
-        y, D // 32, I // 32, D,
-        NT=nt, NW=nw, PREFETCH=int(cfg.get("PREFETCH", 1)), UNROLL=int(cfg.get("UNROLL", 1)),
-        STAGES=int(cfg.get("STAGES", 0)), num_warps=nw,
-        **launch_options(h))
+    opts = _options(cfg)
+    if opts["TILED"]:
+        w2t = _tiled(w)[1]
+        w2_args = [w2t, w2t.stride(0) // 4, w2t.stride(1) // 4]
+    else:
+        w2_args = [w.w2, *_word_strides(w.w2, 2)]
+    tiles = triton.cdiv(D, 16 * cfg["NT"] * cfg["NW"])
+    split, split_args = _split_args(cfg, w, idx, tiles, h.device)
+    _mlp2_mma_kernel[(P, tiles, split)](
+        h.view(torch.int32), I // 32, idx, ew, *w2_args, w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
+        y, D // 32, *split_args, I // 32, D, SPLIT=split, **opts, **launch_options(h))

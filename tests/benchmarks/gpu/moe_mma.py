@@ -26,6 +26,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 import gpu_common  # noqa: E402 - beside this script
 from mxmoe.backends.triton_engine import moe, moe_mma  # noqa: E402
@@ -41,9 +43,16 @@ FAILS: list[str] = []
 
 # (NT, NW, UNROLL, PREFETCH, STAGES): STAGES > 0 streams the weights through a cp.async ring (run 1 of this script
 # timed only the register-prefetch variants, run 2 the cp.async ring: every one slower than the portable kernels;
-# UNROLL 4 = contiguous 4-block spans per lane, moe_mma._k_loop_span)
-SWEEP = [(1, 1, 1, 0, 4), (1, 4, 1, 1, 0), (1, 4, 4, 0, 0), (1, 2, 4, 0, 0), (1, 1, 4, 0, 0), (2, 2, 4, 0, 0),
-         (2, 1, 4, 0, 0), (1, 8, 4, 0, 0)]
+# UNROLL 4 = contiguous 4-block spans per lane, moe_mma._k_loop_span; run 3 that too. TILED: the weights re-laid out
+# in 1 KB tiles (moe_mma.tile_words), the question of run 4: is it DRAM locality?)
+# Run 6: the K split over SPLIT programs (moe_mma._split_sum) for more warps per SM: run 5's ablations showed the
+# cp.async kernels at 5-10 warps per SM short of bytes in flight even with nothing but the word stream (mlp1 13.4
+# us, mlp2 10.4). (NT, NW, UNROLL, PREFETCH, STAGES, TILED, SPLIT)
+SWEEP = [(1, 1, 1, 0, st, tiled, split) for tiled in (True, False) for split in (1, 2, 3, 4) for st in (2, 4)]
+SWEEP += [(1, 1, 1, 0, 8, True, 1), (1, 1, 1, 0, 4, True, 6), (1, 2, 1, 0, 4, True, 2), (1, 2, 4, 0, 0, False)]
+# Timing probes that drop parts of the work (moe_mma._k_loop_async's ABLATE; 8: the word stream alone, no decode and
+# no MMA), with the split: their results are wrong by design and not checked.
+ABLATIONS = [(8, 1), (8, 3), (3, 3)]
 
 
 def log(*args):
@@ -53,14 +62,22 @@ def log(*args):
     TXT.flush()
 
 
+@triton.jit
+def _stream_kernel(src, part, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src + offs, mask=offs < n, other=0)
+    tl.store(part + tl.program_id(0), tl.reduce_or(v, axis=0))
+
+
 def cfg_of(t):
-    nt, nw, u, pf, st = t
-    return dict(MMA=True, NT=nt, NW=nw, UNROLL=u, PREFETCH=pf, STAGES=st)
+    nt, nw, u, pf, st, tiled, split = (*t, False, 1)[:7] if len(t) == 5 else (*t, 1)[:7]
+    return dict(MMA=True, NT=nt, NW=nw, UNROLL=u, PREFETCH=pf, STAGES=st, TILED=bool(tiled), SPLIT=int(split))
 
 
 def name(c) -> str:
     if c.get("MMA"):
-        return f"mma NT{c['NT']} NW{c['NW']} U{c['UNROLL']} PF{c['PREFETCH']} S{c.get('STAGES', 0)}"
+        return (f"mma NT{c['NT']} NW{c['NW']} U{c['UNROLL']} PF{c['PREFETCH']} S{c.get('STAGES', 0)}"
+                + (" tiled" if c.get("TILED") else "") + (f" split{c['SPLIT']}" if c.get("SPLIT", 1) > 1 else ""))
     return "portable " + ",".join(f"{k}={v}" for k, v in c.items())
 
 
@@ -188,6 +205,23 @@ def main():
             best1 = (u1, c)
         if u2 and u2 < best2[0]:
             best2 = (u2, c)
+    for tiled in (True, False):
+        for a, split in ABLATIONS:
+            c = dict(cfg_of((1, 1, 1, 0, 4, tiled, split)), ABLATE=a)
+            row("T=1 E=32", f"mlp1 {name(c)} ablate {a}", guarded("ablate", lambda: bench(
+                lambda: moe_mma.launch_mlp1_mma(x, idx, w32, h, c, ALPHA, LIMIT))), b1)
+            row("T=1 E=32", f"mlp2 {name(c)} ablate {a}", guarded("ablate", lambda: bench(
+                lambda: moe_mma.launch_mlp2_mma(h, idx, ew, w32, y, c))), b2)
+    # the same number of bytes read by a plain stream (the bandwidth one kernel of this size reaches): torch.amax,
+    # and a Triton kernel of 16-byte loads, 4 per thread, one 8 KB tile a program
+    for nb in (b1, b2):
+        buf = torch.randn(nb // 2, device="cuda", generator=g).to(torch.bfloat16)
+        row("T=1 E=32", f"probe torch.amax over {nb / 1e6:.1f} MB bf16", bench(lambda: torch.amax(buf)), nb)
+        words = buf.view(torch.int32)
+        part = torch.empty(triton.cdiv(words.numel(), 2048), dtype=torch.int32, device="cuda")
+        row("T=1 E=32", f"probe triton stream over {nb / 1e6:.1f} MB", bench(
+            lambda: _stream_kernel[(part.numel(),)](words, part, words.numel(), BLOCK=2048, num_warps=4)), nb)
+        del buf, words, part
     if best1[1] is None:
         log("no mma config ran correctly")
         return
@@ -198,7 +232,10 @@ def main():
         for T in (2, 4, 8):
             check_case(f"T={T} E={E} best", T, E, c1, c2)
     check_case("T=1 E=128 best", 1, 128, c1, c2)
-    for (d, i, c) in [(96, 96, cfg_of((1, 8, 1, 0, 4))), (160, 224, c1), (256, 128, cfg_of((2, 4, 1, 0, 6))),
+    for (d, i, c) in [(160, 224, cfg_of((1, 1, 1, 0, 3, True, 3))), (352, 96, cfg_of((1, 2, 1, 0, 2, False, 4))),
+                      (2880, 2880, cfg_of((2, 1, 1, 0, 4, True, 3))), (96, 96, cfg_of((1, 8, 1, 0, 4, True))), (160, 224, cfg_of((1, 1, 1, 1, 0, True))),
+                      (352, 96, cfg_of((1, 4, 1, 0, 4, True))), (2880, 2880, cfg_of((2, 1, 1, 0, 4, True))),
+                      (96, 96, cfg_of((1, 8, 1, 0, 4))), (160, 224, c1), (256, 128, cfg_of((2, 4, 1, 0, 6))),
                       (96, 160, cfg_of((1, 4, 1, 1, 0))), (2880, 2880, cfg_of((2, 2, 1, 0, 3))),
                       (352, 96, cfg_of((1, 2, 4, 0, 0))), (2880, 2880, cfg_of((2, 1, 4, 0, 0)))]:
         check_case(f"shape D={d} I={i} {name(c)}", 3, 8, c, c, d=d, i=i)
@@ -229,17 +266,56 @@ def main():
             w = gpu_common.moe_layer(E, D, I, "cuda")
             nb = sum(routed_bytes(idxt))
             out = torch.empty(T, D, dtype=torch.bfloat16, device="cuda")
-            for label, cc in (("portable", moe.GEMV_PORTABLE), ("mma best", dict(mlp1=c1, mlp2=c2))):
+            for label, cc in (("portable", moe.GEMV_PORTABLE), ("mma best", dict(mlp1=c1, mlp2=c2)),
+                              ("mma CONFIG (untiled)", moe_mma.CONFIG)):
                 row(f"T={T} E={E}", f"op {label}", bench(lambda: moe.moe_mxfp4(
                     xt, ewt, idxt, w, ALPHA, LIMIT, path="gemv", config=cc, out=out)), nb)
     log("    \"gemv\": dict(mlp1=dict(" + ", ".join(f"{k}={v!r}" for k, v in c1.items()) + "),")
     log("                 mlp2=dict(" + ", ".join(f"{k}={v!r}" for k, v in c2.items()) + ")),")
 
 
-if __name__ == "__main__":
+def profile_child():
+    # The launches ncu looks at, once each in this order: portable mlp1, mlp2; mma mlp1, mlp2 tiled NW1 S4 with
+    # SPLIT 1, 2, 4.
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w = gpu_common.moe_layer(32, D, I, "cuda")
+    x = torch.randn(1, D, device="cuda", generator=g).to(torch.bfloat16)
+    ew, idx = routing(1, 32, g)
+    h = torch.randn(K, I, device="cuda", generator=g).to(torch.bfloat16)
+    y = torch.empty(K, D, dtype=torch.float32, device="cuda")
+    moe_mma.tile_words(w)  # (not a kernel of interest)
+    moe.launch_mlp1_gemv_any(x, idx, w, h, moe.GEMV_PORTABLE["mlp1"], ALPHA, LIMIT)
+    moe.launch_mlp2_gemv_any(h, idx, ew, w, y, None, moe.GEMV_PORTABLE["mlp2"])
+    for tiled, split in ((True, 1), (True, 2), (True, 4)):
+        c = cfg_of((1, 1, 1, 0, 4, tiled, split))
+        moe_mma.launch_mlp1_mma(x, idx, w, h, c, ALPHA, LIMIT)
+        moe_mma.launch_mlp2_mma(h, idx, ew, w, y, c)
+    torch.cuda.synchronize()
+
+
+def ncu():
+    import shutil
+    exe = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    cmd = [exe, "--clock-control", "none", "--kernel-name", "regex:_mlp[12]_(gemv_st|gemv|mma)_kernel",
+           "--launch-count", "8"]
+    for sec in ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "SchedulerStats",
+                "MemoryWorkloadAnalysis", "MemoryWorkloadAnalysis_Tables", "InstructionStats"):
+        cmd += ["--section", sec]
+    cmd += ["--metrics", "dram__bytes_read.sum,dram__sectors_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,"
+            "lts__t_sector_op_read_hit_rate.pct,smsp__inst_executed.sum", sys.executable, os.path.abspath(__file__),
+            "--profile-child"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    open(os.path.join(OUT, "ncu_mma.txt"), "w").write(" ".join(cmd) + "\n" + r.stdout + "\n" + r.stderr[-3000:])
+    log(f"ncu: exit {r.returncode}, {len(r.stdout)} bytes in ncu_mma.txt")
+
+
+if __name__ == "__main__" and "--profile-child" in sys.argv:
+    profile_child()
+elif __name__ == "__main__":
     t0 = time.time()
     try:
         main()
+        ncu()
     finally:
         log(f"==== {len(FAILS)} failure(s): {FAILS}" if FAILS else "==== all checks passed")
         log(f"elapsed {time.time() - t0:.0f} s")
