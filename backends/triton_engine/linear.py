@@ -37,6 +37,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter (triton 3.9) also truncates fp32 -> bf16 instead of rounding to nearest even: round by hand there.
 _ROUND_BY_HAND = tl.constexpr(_INTERPRET)
 
+# The fma product loads its first K step's weights (static data, pdl.py) before the PDL wait, so that they are in
+# flight while the predecessor finishes: gpt-oss-20b decode at batch 1 1.95-1.98 ms a step against 2.02-2.13 without,
+# alternated in one session on the H200 (tests/benchmarks/gpu/pdl_order.sh). MXMOE_TRITON_GEMV_EARLY_W=0: without.
+EARLY_W = tl.constexpr(os.environ.get("MXMOE_TRITON_GEMV_EARLY_W", "1") != "0")
+
 MAX_TOKENS = 64  # gemv takes up to this many rows; past it a layer is a matrix product (cuBLAS)
 FMA_MAX_BLOCK_T = 8  # the fma product keeps BT partial sums per thread and row: ~140-250 registers at 8
 VECTOR_BYTES = 16  # one 128-bit load per thread and row per K vector
@@ -87,7 +92,7 @@ def _fma_step(acc, xt, wt):
 @triton.jit
 def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-              PREFETCH: tl.constexpr):
+              PREFETCH: tl.constexpr, GDC: tl.constexpr):
     # Sums over K in [k_lo, k_hi) → [BN, BT] fp32. Whole steps unmasked, then one masked step for the tail.
     # Layout (checked in the sm_90 TTGIR/SASS): x and W are both loaded at the product's full shape
     # [BKV, BN, BT, VEC], x broadcast over the rows and W over the tokens by zero strides. Both loads then get the
@@ -107,6 +112,22 @@ def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
               + zero_t[None, None, :, None])
     acc = tl.zeros([BKV, BLOCK_N, BLOCK_T], tl.float32)
     n_full = tl.maximum(k_hi - k_lo, 0) // BLOCK_K
+    if EARLY_W and not PREFETCH:
+        # Step 0 (masked to the split's range) with its weights loaded before the PDL wait, then the full steps
+        # after it and the tail, as below.
+        m0 = offs_k4 < k_hi - k_lo
+        w0 = tl.load(w_ptrs, mask=m0, other=0.0)
+        wait_for_predecessor(GDC)
+        acc = _fma_step(acc, tl.load(x_ptrs, mask=m0, other=0.0), w0)
+        for i in range(1, n_full):
+            xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, i * BLOCK_K, 0, False)
+            acc = _fma_step(acc, xt, wt)
+        k_tail = n_full * BLOCK_K
+        if n_full > 0 and k_lo + k_tail < k_hi:
+            xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, k_tail, k_hi - k_lo, True)
+            acc = _fma_step(acc, xt, wt)
+        return tl.sum(acc, axis=0)
+    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     if PREFETCH:
         if n_full > 0:
             xn, wn = _load_step(x_ptrs, w_ptrs, offs_k4, 0, 0, False)
@@ -162,7 +183,8 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, VEC: tl.constexpr,
                  PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
-    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
+    if USE_DOT:
+        wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written (_fma_loop waits itself)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -179,7 +201,7 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                         BLOCK_T, BLOCK_N, BLOCK_K, DOT_F32)
     else:
         acc = _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
-                        BLOCK_T, BLOCK_N, BLOCK_K, VEC, PREFETCH)
+                        BLOCK_T, BLOCK_N, BLOCK_K, VEC, PREFETCH, GDC)
     # acc: [BN, BT] sums of this split.
     mask_y = (offs_n < N)[:, None] & (offs_t < T)[None, :]
     y_ptrs = y_ptr + offs_n[:, None] + offs_t[None, :] * stride_y_t

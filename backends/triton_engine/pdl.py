@@ -12,7 +12,9 @@ ordered by the stream as usual, whatever they follow.
 
 Measured on the H200 (tests/benchmarks/results/h200-2026-12-02-pdl.txt): gpt-oss-20b decode at batch 1 2.01 ms a
 step with PDL, 2.14 ms without, in the same run. (Prefetching the dense GEMVs' weights into L2 before the wait was
-slower, 2.26-2.31 ms, and was dropped.)
+slower, 2.26-2.31 ms, and was dropped; loading the first K step of them into registers before the wait is faster,
+linear.EARLY_W; signalling the dependents after the wait instead of before it, a switch tried once, was not: 2.08
+ms against 2.02-2.07, tests/benchmarks/results/h200-2026-12-02-pdl-order.txt.)
 
 ``launch_options(t)`` is what a launcher adds to a kernel call: ``GDC=True`` (the kernel's constexpr that compiles
 the wait in) and ``launch_pdl=True`` on a CUDA device of compute capability >= 9.0 outside the interpreter, else
