@@ -134,6 +134,23 @@ def test_rms_norm_takes_a_strided_row_view():
     assert_matches_reference_kernel(out, ops.rms_norm_ref(x.contiguous(), scale, 1e-6), "rms_norm (strided)")
 
 
+def test_add_rms_norm_scale_loaded_before_the_wait_gives_the_same_bits(monkeypatch):
+    # pdl.EARLY_STATIC (off by default until measured): the scale is loaded before the PDL wait instead of after
+    # the reduction; the same bits either way (one-pass rows, D <= 4096, as gpt-oss's 2880).
+    from mxmoe.backends.triton_engine import pdl
+
+    g = gen(3)
+    x, delta = bf16(torch.randn(3, 2880, generator=g)), bf16(torch.randn(3, 2880, generator=g))
+    scale = torch.rand(2880, generator=g).to(DEVICE) + 0.5
+    s0, h0 = ops.add_rms_norm(x, delta, scale, 1e-5)
+    monkeypatch.setattr(pdl, "EARLY_STATIC", True)
+    s1, h1 = ops.add_rms_norm(x, delta, scale, 1e-5)
+    assert torch.equal(s1, s0) and torch.equal(h1, h0)
+    ref_s, ref_h = ops.add_rms_norm_ref(x, delta, scale, 1e-5)
+    assert torch.equal(s1, ref_s)
+    assert_matches_reference_kernel(h1, ref_h, "add_rms_norm (early scale)")
+
+
 # ---- rope --------------------------------------------------------------------------------------------
 
 def _qkv_views(g, T, Hq, Hkv, d):

@@ -228,3 +228,17 @@ def test_gemv_cuda_graph_replay_equals_eager(variant):
     with pytest.raises(RuntimeError, match="eager"):  # new shapes inside a capture: refused, not allocated there
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
             L.gemv(x[:2], w, b, cfg, scratch=scratch)
+
+
+@pytest.mark.parametrize("variant", list(CONFIGS))
+def test_bias_loaded_before_the_wait_gives_the_same_bits(variant, monkeypatch):
+    # pdl.EARLY_STATIC (off by default until measured): the bias is loaded at the kernel's start instead of in the
+    # epilogue; the same values are added in the same order, so the result is bitwise the default's.
+    from mxmoe.backends.triton_engine import pdl
+
+    x, w, b = _inputs(77, 3, 37, 200, torch.bfloat16, True)
+    default = _run(x, w, b, CONFIGS[variant])
+    monkeypatch.setattr(pdl, "EARLY_STATIC", True)
+    early = _run(x, w, b, CONFIGS[variant])
+    assert torch.equal(early, default)
+    _check(early, x, w, b)

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine import pdl
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 from mxmoe.backends.triton_engine.sync import last_to_arrive
 
@@ -182,9 +183,7 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                  T, N, K,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, VEC: tl.constexpr,
-                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
-    if USE_DOT:
-        wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written (_fma_loop waits itself)
+                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -192,6 +191,10 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
     # Rows past N and tokens past T read the last one again (loads stay unmasked); their outputs are not stored.
     rows = tl.minimum(offs_n, N - 1)
     tok = tl.minimum(offs_t, T - 1)
+    if HAS_BIAS and EARLY_STATIC:  # static: loaded while the predecessor finishes (pdl.EARLY_STATIC)
+        bias = tl.load(b_ptr + rows).to(tl.float32)
+    if USE_DOT:
+        wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written (_fma_loop waits itself)
     # K range of this split: whole steps of BK, the last split the shortest (possibly empty).
     per = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_lo = pid_s * per
@@ -207,7 +210,9 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
     y_ptrs = y_ptr + offs_n[:, None] + offs_t[None, :] * stride_y_t
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+            if not EARLY_STATIC:
+                bias = tl.load(b_ptr + rows).to(tl.float32)
+            acc += bias[:, None]
         tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty), mask=mask_y)
     else:
         part_ptrs = part_ptr + rows[:, None] + offs_t[None, :] * N
@@ -218,7 +223,9 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
             for s in tl.static_range(SPLIT_K):  # split order, whichever program came last
                 y += tl.load(part_ptrs + s * T * N, mask=mask_y, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
-                y += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+                if not EARLY_STATIC:
+                    bias = tl.load(b_ptr + rows).to(tl.float32)
+                y += bias[:, None]
             tl.store(y_ptrs, _cast(y, y_ptr.dtype.element_ty), mask=mask_y)
             tl.store(cnt_ptrs, 0)  # ready for the next launch (and the next graph replay)
 
@@ -393,7 +400,7 @@ def _meta(cfg: dict, T: int, dtype: torch.dtype, has_bias: bool) -> dict:
     block_t, vec = check_config(cfg, T, dtype)
     return dict(BLOCK_T=block_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
                 HAS_BIAS=has_bias, USE_DOT=cfg["DOT"], DOT_F32=_INTERPRET or dtype == torch.float32, VEC=vec,
-                PREFETCH=int(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"],
+                PREFETCH=int(cfg.get("PREFETCH", 0)), EARLY_STATIC=pdl.EARLY_STATIC, num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 1))
 
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxmoe.backends.triton_engine import pdl
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 
 # Triton decides at decoration time (module import) whether kernels are interpreted; so do we.
@@ -162,7 +163,9 @@ def _rounded_sum(x_row, delta_row, offs_d, mask_d, dtype: tl.constexpr, ROUND_BF
 def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
                          stride_x_t, stride_delta_t, stride_s_t, stride_h_t,
                          BLOCK_D: tl.constexpr, ONE_PASS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                         GDC: tl.constexpr = False):
+                         GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False):
+    if EARLY_STATIC and ONE_PASS:  # the scale is static: loaded while the predecessor finishes (pdl.EARLY_STATIC)
+        scale = tl.load(scale_ptr + tl.arange(0, BLOCK_D), mask=tl.arange(0, BLOCK_D) < D, other=0.0).to(tl.float32)
     wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_t = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + pid_t * stride_x_t
@@ -175,7 +178,8 @@ def _add_rms_norm_kernel(x_ptr, delta_ptr, scale_ptr, s_ptr, h_ptr, D, eps,
         s = _rounded_sum(x_row, delta_row, offs_d, mask_d, s_ptr.dtype.element_ty, ROUND_BF16)
         tl.store(s_row + offs_d, s.to(s_ptr.dtype.element_ty), mask=mask_d)
         rstd = tl.rsqrt(tl.sum(s * s, axis=0) / D + eps)
-        scale = tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        if not EARLY_STATIC:
+            scale = tl.load(scale_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         # The reference's order: normalise, then scale.
         h = _as_dtype((s * rstd) * scale, h_ptr.dtype.element_ty, ROUND_BF16)
         tl.store(h_row + offs_d, h.to(h_ptr.dtype.element_ty), mask=mask_d)
@@ -219,7 +223,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor, eps:
     _add_rms_norm_kernel[(T,)](x, delta, scale, s, h, D, float(eps), x.stride(0), delta.stride(0), s.stride(0),
                                h.stride(0), BLOCK_D=BLOCK_D, ONE_PASS=D <= BLOCK_D,
                                ROUND_BF16=_round_bf16_in_software(x.dtype), num_warps=8 if BLOCK_D >= 2048 else 4,
-                               **launch_options(x))
+                               EARLY_STATIC=pdl.EARLY_STATIC, **launch_options(x))
     return s, h
 
 

@@ -5,7 +5,8 @@
 #   the switch was removed afterwards)
 #   MXMOE_TRITON_GEMV_EARLY_W=1     the dense GEMV's first weights loaded before the wait (linear.EARLY_W, now the
 #                                   default).
-# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
+#   MXMOE_TRITON_EARLY_STATIC=1     norm scales and biases loaded before the wait (pdl.EARLY_STATIC; not measured yet).
+# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|static]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
 source tests/benchmarks/gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/pdl_order}
 mkdir -p "$OUT"
@@ -15,7 +16,12 @@ run() {
     --scenario decode-b1 --context 1024 --repeats ${REPEATS:-20} --results "$OUT/bench.jsonl" 2>&1 | grep -E "decode-b1 B=|limits" \
     | tee -a "$OUT/pdl_order.txt"
 }
-if [ "${1:-}" = interleaved ]; then  # the two closest settings alternated three times (run 2)
+if [ "${1:-}" = static ]; then  # pdl.EARLY_STATIC (norm scales and biases before the wait) against today's default
+  for i in 1 2 3; do
+    run "default ($i)" "MXMOE_TRITON_EARLY_STATIC=0"
+    run "early-static ($i)" "MXMOE_TRITON_EARLY_STATIC=1"
+  done
+elif [ "${1:-}" = interleaved ]; then  # the two closest settings alternated three times (run 2)
   for i in 1 2 3; do
     run "default ($i)" "MXMOE_TRITON_GEMV_EARLY_W=0"
     run "early-w ($i)" "MXMOE_TRITON_GEMV_EARLY_W=1"
