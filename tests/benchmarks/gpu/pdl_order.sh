@@ -5,8 +5,11 @@
 #   the switch was removed afterwards)
 #   MXMOE_TRITON_GEMV_EARLY_W=1     the dense GEMV's first weights loaded before the wait (linear.EARLY_W, now the
 #                                   default).
-#   MXMOE_TRITON_EARLY_STATIC=1     norm scales and biases loaded before the wait (pdl.EARLY_STATIC; not measured yet).
-# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|static]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
+#   MXMOE_TRITON_EARLY_STATIC=1     norm scales and biases loaded before the wait (pdl.EARLY_STATIC; not measured yet);
+#   MXMOE_TRITON_ROUTER_FUSED=1     the router's top-k done by its GEMV's last program (linear.ROUTER_FUSED; not
+#                                   measured yet). Check first: MXMOE_TRITON_EARLY_STATIC=1 MXMOE_TRITON_ROUTER_FUSED=1
+#                                   python3 -m pytest -q tests/test_triton_linear.py tests/test_triton_engine.py
+# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
 source tests/benchmarks/gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/pdl_order}
 mkdir -p "$OUT"
@@ -16,10 +19,12 @@ run() {
     --scenario decode-b1 --context 1024 --repeats ${REPEATS:-20} --results "$OUT/bench.jsonl" 2>&1 | grep -E "decode-b1 B=|limits" \
     | tee -a "$OUT/pdl_order.txt"
 }
-if [ "${1:-}" = static ]; then  # pdl.EARLY_STATIC (norm scales and biases before the wait) against today's default
-  for i in 1 2 3; do
-    run "default ($i)" "MXMOE_TRITON_EARLY_STATIC=0"
-    run "early-static ($i)" "MXMOE_TRITON_EARLY_STATIC=1"
+if [ "${1:-}" = next ]; then  # the two experiments that are off by default, alone and together, against the default
+  for i in 1 2; do
+    run "default ($i)" "MXMOE_TRITON_EARLY_STATIC=0 MXMOE_TRITON_ROUTER_FUSED=0"
+    run "early-static ($i)" "MXMOE_TRITON_EARLY_STATIC=1 MXMOE_TRITON_ROUTER_FUSED=0"
+    run "router-fused ($i)" "MXMOE_TRITON_EARLY_STATIC=0 MXMOE_TRITON_ROUTER_FUSED=1"
+    run "both ($i)" "MXMOE_TRITON_EARLY_STATIC=1 MXMOE_TRITON_ROUTER_FUSED=1"
   done
 elif [ "${1:-}" = interleaved ]; then  # the two closest settings alternated three times (run 2)
   for i in 1 2 3; do
