@@ -45,7 +45,8 @@ SMALL = {
                      mlp2=dict(STATIONARY=True, BLOCK_N=64, BLOCK_B=1, num_warps=4, SPLIT_K=2, PREFETCH=1)),
     "gemv_st2": dict(path="gemv", mlp1=dict(STATIONARY=True, BLOCK_N=64, BLOCK_B=8, num_warps=4, SPLIT_K=1),
                      mlp2=dict(STATIONARY=True, BLOCK_N=32, BLOCK_B=2, num_warps=4, SPLIT_K=1)),
-    "gemv_st_real": dict(path="gemv", **moe.GEMV_ST),  # the tiles proposed for the H200 (32 lanes, 3 splits)
+    "gemv_st_real": dict(path="gemv", **moe.GEMV_ST),
+    "gemv_portable": dict(path="gemv", **moe.GEMV_PORTABLE),  # the default tiles  # the tiles proposed for the H200 (32 lanes, 3 splits)
     "dot": dict(path="dot", BLOCK_T=16, mlp1=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False),
                 mlp2=dict(BLOCK_N=64, BLOCK_B=4, num_warps=4, JOIN=False)),
     # Joined lanes with bf16 activations and scale bytes <= 128: the weights decoded straight into bf16
@@ -510,3 +511,21 @@ def test_routing_reads_non_contiguous_ids_as_their_values():
     order, tiles = moe.moe_routing(view, 8, 4)
     ref_order, ref_tiles = moe.moe_routing_ref(idx, 8, 4)
     assert torch.equal(order.cpu(), ref_order.cpu()) and torch.equal(tiles.cpu(), ref_tiles.cpu())
+
+
+def test_epilogue_operands_loaded_early_give_the_same_bits(monkeypatch):
+    # pdl.EARLY_STATIC (off by default until measured): the default gemv kernels load their expert's bias and
+    # routing weight before the K loop instead of after it; the same bits either way.
+    from mxmoe.backends.triton_engine import pdl
+
+    E, k, T, D, I = 8, 4, 2, 160, 96
+    mlp1, mlp2 = _experts(61, E, D, I)
+    w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(62)).to(torch.bfloat16)
+    ew, idx = _routing(63, T, E, k)
+    default = _run(x, ew, idx, w, "gemv_portable")
+    monkeypatch.setattr(pdl, "EARLY_STATIC", True)
+    early = _run(x, ew, idx, w, "gemv_portable")
+    assert torch.equal(early, default)
+    ref, spread = _oracle(mlp1, mlp2, x, ew, idx)
+    _check(early, ref, spread)

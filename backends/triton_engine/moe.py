@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mxmoe.backends.triton_engine import moe_mma
+from mxmoe.backends.triton_engine import moe_mma, pdl
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 from mxmoe.backends.triton_engine.sync import last_to_arrive
 from mxmoe.core import mxfp4
@@ -482,19 +482,25 @@ def _mlp2_gemv_kernel(h_ptr, stride_h_p, idx_ptr, ew_ptr,
                       y_ptr, stride_y_p,
                       NB, D,
                       BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, X_BF16: tl.constexpr,
-                      BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr = False):
+                      BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr, GDC: tl.constexpr = False,
+                      EARLY_STATIC: tl.constexpr = False):
     wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(idx_ptr + pid_p).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(offs_n, D - 1)
+    if EARLY_STATIC:  # the epilogue's operands loaded now, under the K loop (pdl.EARLY_STATIC)
+        bias = tl.load(b_ptr + e * stride_b_e + rows)
+        weight = _to_f32(tl.load(ew_ptr + pid_p))
     w_offs = rows[:, None, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]
     s_offs = rows[:, None] * stride_s_n
     acc, _ = _gemv_rows(w_ptr + e * stride_w_e * 4, w_offs, 0, s_ptr + e * stride_s_e, s_offs, 0, h_ptr,
                         pid_p * stride_h_p * 16, NB, BLOCK_B, X_BF16, BIG_SCALES, False, PREFETCH)
-    weight = _to_f32(tl.load(ew_ptr + pid_p))
-    y = (tl.sum(acc, axis=1) + tl.load(b_ptr + e * stride_b_e + rows)) * weight
+    if not EARLY_STATIC:
+        bias = tl.load(b_ptr + e * stride_b_e + rows)
+        weight = _to_f32(tl.load(ew_ptr + pid_p))
+    y = (tl.sum(acc, axis=1) + bias) * weight
     tl.store(y_ptr + pid_p * stride_y_p * 32 + offs_n, y, mask=offs_n < D)
 
 
@@ -645,7 +651,7 @@ def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
                          NB, I, TOP_K, alpha, limit,
                          BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, SPLIT_K: tl.constexpr,
                          X_BF16: tl.constexpr, BIG_SCALES: tl.constexpr, PREFETCH: tl.constexpr,
-                         GDC: tl.constexpr = False):
+                         GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False):
     wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -655,6 +661,10 @@ def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < I
     rows = tl.minimum(offs_n, I - 1)  # past the last row, read it again (the stores drop those outputs)
+    bias_ptrs = b_ptr + e * stride_b_e + rows
+    if EARLY_STATIC and SPLIT_K == 1:  # the epilogue's biases loaded now, under the K loop (pdl.EARLY_STATIC)
+        b_gate = tl.load(bias_ptrs)
+        b_lin = tl.load(bias_ptrs + stride_b_h)
     w_offs = rows[None, :, None] * stride_w_n * 4 + tl.arange(0, 4)[None, None, :]  # [1, BN, 4]
     s_offs = rows[None, :] * stride_s_n
     b_lo, b_hi = _split_k_range(pid_s, NB, BLOCK_B, SPLIT_K)
@@ -663,10 +673,12 @@ def _mlp1_gemv_st_kernel(x_ptr, stride_x_t, idx_ptr,
                             PREFETCH)
     gate = tl.sum(acc_g, axis=0)  # across the lanes, once
     lin = tl.sum(acc_l, axis=0)
-    bias_ptrs = b_ptr + e * stride_b_e + rows
     h_ptrs = h_ptr + pid_p * stride_h_p * 32 + offs_n
     if SPLIT_K == 1:
-        h = _swiglu(gate + tl.load(bias_ptrs), lin + tl.load(bias_ptrs + stride_b_h), alpha, limit)
+        if not EARLY_STATIC:
+            b_gate = tl.load(bias_ptrs)
+            b_lin = tl.load(bias_ptrs + stride_b_h)
+        h = _swiglu(gate + b_gate, lin + b_lin, alpha, limit)
         tl.store(h_ptrs, _cast(h, h_ptr.dtype.element_ty), mask=mask_n)
     else:
         part_ptrs = part_ptr + pid_p * SPLIT_K * 2 * I + rows
@@ -1153,7 +1165,8 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
         _pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
         y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
-        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(h))
+        PREFETCH=int(cfg.get("PREFETCH", 1)), EARLY_STATIC=pdl.EARLY_STATIC, num_warps=cfg["num_warps"],
+        **launch_options(h))
 
 
 def gemv_family(cfg: dict) -> str:
@@ -1209,7 +1222,8 @@ def launch_mlp1_gemv_st(x, idx, w: MoEWeights, h, cfg, alpha, limit):
         _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
         *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
-        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"], **launch_options(x))
+        BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), EARLY_STATIC=pdl.EARLY_STATIC,
+        num_warps=cfg["num_warps"], **launch_options(x))
 
 
 def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):

@@ -5,10 +5,10 @@
 #   the switch was removed afterwards)
 #   MXMOE_TRITON_GEMV_EARLY_W=1     the dense GEMV's first weights loaded before the wait (linear.EARLY_W, now the
 #                                   default).
-#   MXMOE_TRITON_EARLY_STATIC=1     norm scales and biases loaded before the wait (pdl.EARLY_STATIC; not measured yet);
+#   MXMOE_TRITON_EARLY_STATIC=1     norm scales and biases loaded early (pdl.EARLY_STATIC; not measured yet);
 #   MXMOE_TRITON_ROUTER_FUSED=1     the router's top-k done by its GEMV's last program (linear.ROUTER_FUSED; not
 #                                   measured yet). Check first: MXMOE_TRITON_EARLY_STATIC=1 MXMOE_TRITON_ROUTER_FUSED=1
-#                                   python3 -m pytest -q tests/test_triton_linear.py tests/test_triton_engine.py
+#                                   python3 -m pytest -q tests/test_triton_{linear,engine,moe}.py
 # Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
 source tests/benchmarks/gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/pdl_order}
