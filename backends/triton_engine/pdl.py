@@ -35,8 +35,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Static data (norm scales, biases) loaded before the wait by the kernels that take an EARLY_STATIC constexpr
 # (ops._add_rms_norm_kernel, linear._gemv_kernel), so that a likely L2 miss overlaps the predecessor's tail instead
 # of following the kernel's reduction; the default MoE gemv kernels (moe.py) load their routed expert's bias and
-# routing weight right after the wait (they depend on the routing), under the K loop instead of after it. Offline SASS (triton 3.6, sm_90): without it the add + RMSNorm kernel issues
-# the scale loads only after its two reduction barriers. Not yet measured on a GPU, so off by default;
+# routing weight right after the wait (they depend on the routing), under the K loop instead of after it. Offline
+# SASS (triton 3.6, sm_90): without it the add + RMSNorm kernel issues the scale loads only after its two reduction
+# barriers. Not yet measured on a GPU, so off by default;
 # MXMOE_TRITON_EARLY_STATIC=1 turns it on (tests/benchmarks/gpu/pdl_order.sh next: the A/B). Read at launch.
 EARLY_STATIC = os.environ.get("MXMOE_TRITON_EARLY_STATIC", "0") == "1"
 

@@ -1,26 +1,23 @@
 """Whole-model A/B of MoE gemv configs: `mxmoe bench` decode at batch 1 (gpt-oss-20b shapes, random weights, the
-triton engine's CUDA-graph decode step) with ``moe.CONFIGS["gemv"]`` set to each variant in turn, in one process
+triton engine's CUDA-graph decode step) with ``moe.CONFIGS["gemv"]`` set to each variant in turn, one process each,
 on one GPU, the default first and again last (drift). Kernel timings alone (moe_mma.py, moe_kernels.py) leave out
 what the decode graph changes: programmatic dependent launch overlapping neighbours, no per-graph replay cost,
 whatever the previous kernel left in L2.
 
     source tests/benchmarks/gpu/setup.sh && python3 tests/benchmarks/gpu/moe_engine_ab.py [VARIANT ...]
 
-Writes $OUT/moe_engine_ab.txt (the bench output of every variant) and $OUT/bench.jsonl (its records).
+Writes $OUT/moe_engine_ab.txt (the bench output of every variant) and $OUT/bench.jsonl (its records). (Its first
+run, h200-2026-12-02-moe-engine-ab.txt, ran every variant in one process.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import io
+import json
 import os
+import subprocess
 import sys
 
-import torch
-
 from mxmoe.backends.triton_engine import moe
-from mxmoe.core import cli
 
 OUT = os.environ.get("OUT") or "/tmp/moe_engine_ab"
 os.makedirs(OUT, exist_ok=True)
@@ -36,19 +33,21 @@ VARIANTS = {
 }
 
 
-def bench(label: str, cfg: dict, profile: bool) -> None:
-    moe.CONFIGS["gemv"] = cfg
-    argv = ["bench", "--shape", "gpt-oss-20b", "--backend", "triton", "--peer", "none", "--scenario", "decode-b1",
-            "--context", "1024", "--results", os.path.join(OUT, "bench.jsonl")] + (["--profile"] if profile else [])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli.main(argv)
-    text = f"==== {label}: CONFIGS['gemv'] = {cfg}\n" + buf.getvalue() + f"(exit {rc})\n"
+# One variant per process (as tests/benchmarks/gpu/pdl_order.sh): moe.CONFIGS["gemv"] set, then the mxmoe CLI.
+_CHILD = ("import json, sys; from mxmoe.backends.triton_engine import moe; "
+          "moe.CONFIGS['gemv'] = json.loads(sys.argv[1]); from mxmoe.core import cli; sys.exit(cli.main(sys.argv[2:]))")
+
+
+def bench(label: str, cfg: dict, profile: bool, argv_tail: list[str] | None = None) -> str:
+    argv = argv_tail or (["bench", "--shape", "gpt-oss-20b", "--backend", "triton", "--peer", "none", "--scenario",
+                          "decode-b1", "--context", "1024", "--results", os.path.join(OUT, "bench.jsonl")]
+                         + (["--profile"] if profile else []))
+    r = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg), *argv], capture_output=True, text=True)
+    text = f"==== {label}: CONFIGS['gemv'] = {cfg}\n" + r.stdout + r.stderr[-2000:] + f"(exit {r.returncode})\n"
     print(text, flush=True)
     with open(os.path.join(OUT, "moe_engine_ab.txt"), "a") as f:
         f.write(text)
-    gc.collect()
-    torch.cuda.empty_cache()
+    return text
 
 
 def main() -> None:
