@@ -114,22 +114,17 @@ def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
               + zero_t[None, None, :, None])
     acc = tl.zeros([BKV, BLOCK_N, BLOCK_T], tl.float32)
     n_full = tl.maximum(k_hi - k_lo, 0) // BLOCK_K
+    done = 0  # whole steps done before the loop
     if EARLY_W and not PREFETCH:
-        # Step 0 (masked to the split's range) with its weights loaded before the PDL wait, then the full steps
-        # after it and the tail, as below.
+        # Step 0, masked to the split's range (which may be shorter than a step), with its weights loaded before the
+        # PDL wait.
         m0 = offs_k4 < k_hi - k_lo
         w0 = tl.load(w_ptrs, mask=m0, other=0.0)
         wait_for_predecessor(GDC)
         acc = _fma_step(acc, tl.load(x_ptrs, mask=m0, other=0.0), w0)
-        for i in range(1, n_full):
-            xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, i * BLOCK_K, 0, False)
-            acc = _fma_step(acc, xt, wt)
-        k_tail = n_full * BLOCK_K
-        if n_full > 0 and k_lo + k_tail < k_hi:
-            xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, k_tail, k_hi - k_lo, True)
-            acc = _fma_step(acc, xt, wt)
-        return tl.sum(acc, axis=0)
-    wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
+        done = 1
+    else:
+        wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     if PREFETCH:
         if n_full > 0:
             xn, wn = _load_step(x_ptrs, w_ptrs, offs_k4, 0, 0, False)
@@ -139,10 +134,10 @@ def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
                 xn, wn = _load_step(x_ptrs, w_ptrs, offs_k4, tl.minimum(i + 1, n_full - 1) * BLOCK_K, 0, False)
                 acc = _fma_step(acc, xt, wt)
     else:
-        for i in range(n_full):
+        for i in range(done, n_full):
             xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, i * BLOCK_K, 0, False)
             acc = _fma_step(acc, xt, wt)
-    k_tail = n_full * BLOCK_K
+    k_tail = tl.maximum(n_full, done) * BLOCK_K  # (a split shorter than a step was all of step 0)
     if k_lo + k_tail < k_hi:
         xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, k_tail, k_hi - k_lo, True)
         acc = _fma_step(acc, xt, wt)

@@ -305,7 +305,9 @@ def ncu():
             "lts__t_sector_op_read_hit_rate.pct,smsp__inst_executed.sum", sys.executable, os.path.abspath(__file__),
             "--profile-child"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    open(os.path.join(OUT, "ncu_mma.txt"), "w").write(" ".join(cmd) + "\n" + r.stdout + "\n" + r.stderr[-3000:])
+    shown = " ".join(cmd[1:-3])  # the command as run from the repository root, without this machine's paths
+    open(os.path.join(OUT, "ncu_mma.txt"), "w").write(f"ncu {shown} python3 tests/benchmarks/gpu/moe_mma.py "
+                                                      f"--profile-child\n{r.stdout}\n{r.stderr[-3000:]}")
     log(f"ncu: exit {r.returncode}, {len(r.stdout)} bytes in ncu_mma.txt")
 
 
