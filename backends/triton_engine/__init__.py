@@ -202,8 +202,6 @@ class TritonBackend(Backend):
 
     def router(self, x, gate: Linear, top_k):
         self.check(op="router", device=x.device, dtype=x.dtype)
-        if x.is_cuda and x.dim() == 2 and _linear().router_fusable(x.shape[0], *gate.weight.shape, top_k):
-            return _linear().router_gemv(x, gate.weight, gate.bias, top_k)  # one kernel (off by default)
         logits = self._dense(x, gate)  # (T, E) in x's dtype, as the reference rounds them before the top-k
         return _ops().topk_softmax(logits, top_k)
 

@@ -30,7 +30,6 @@ import triton
 import triton.language as tl
 
 from mxmoe.backends.triton_engine import pdl
-from mxmoe.backends.triton_engine.ops import topk_blocks, topk_softmax_rows
 from mxmoe.backends.triton_engine.pdl import launch_options, wait_for_predecessor
 from mxmoe.backends.triton_engine.sync import last_to_arrive
 
@@ -173,16 +172,13 @@ def _dot_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
 # ---- the kernel ------------------------------------------------------------------------------------------------
 
 # y[t, n] = sum_k x[t, k] W[n, k] + b[n] for BN rows n of W, all T tokens, K range pid_s of SPLIT_K.
-# part: [SPLIT_K, T, N] fp32 partials; cnt: [cdiv(N, BN) + 1] int32 counters at 0 (the tiles' with SPLIT_K > 1,
-# then the one that counts tiles in for TOPK > 0, the router's fused top-k).
+# part: [SPLIT_K, T, N] fp32 partials; cnt: [cdiv(N, BN)] int32 counters at 0 (used only when SPLIT_K > 1).
 @triton.jit
 def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t, part_ptr, cnt_ptr,
-                 T, N, K, topk_w_ptr, topk_i_ptr,
+                 T, N, K,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, VEC: tl.constexpr,
-                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False,
-                 TOPK: tl.constexpr = 0, TOPK_BT: tl.constexpr = 1, TOPK_BE: tl.constexpr = 1,
-                 TOPK_BK: tl.constexpr = 1, TOPK_ROUND: tl.constexpr = False):
+                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -213,9 +209,6 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                 bias = tl.load(b_ptr + rows).to(tl.float32)
             acc += bias[:, None]
         tl.store(y_ptrs, _cast(acc, y_ptr.dtype.element_ty), mask=mask_y)
-        if TOPK > 0:
-            _topk_when_last(y_ptr, stride_y_t, cnt_ptr, topk_w_ptr, topk_i_ptr, T, N, TOPK, TOPK_BT, TOPK_BE,
-                            TOPK_BK, TOPK_ROUND)
     else:
         part_ptrs = part_ptr + rows[:, None] + offs_t[None, :] * N
         tl.store(part_ptrs + pid_s * T * N, acc, mask=mask_y)
@@ -230,22 +223,6 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                 y += bias[:, None]
             tl.store(y_ptrs, _cast(y, y_ptr.dtype.element_ty), mask=mask_y)
             tl.store(cnt_ptrs, 0)  # ready for the next launch (and the next graph replay)
-            if TOPK > 0:
-                _topk_when_last(y_ptr, stride_y_t, cnt_ptr, topk_w_ptr, topk_i_ptr, T, N, TOPK, TOPK_BT, TOPK_BE,
-                                TOPK_BK, TOPK_ROUND)
-
-
-@triton.jit
-def _topk_when_last(y_ptr, stride_y_t, cnt_ptr, topk_w_ptr, topk_i_ptr, T, N, TOPK: tl.constexpr,
-                    TOPK_BT: tl.constexpr, TOPK_BE: tl.constexpr, TOPK_BK: tl.constexpr, TOPK_ROUND: tl.constexpr):
-    # The router's top-k + softmax (ops.topk_softmax_rows) in the program that stores the kernel's last tile of
-    # logits: a second counter, after the tiles' own, counts the tiles in (the logits it reads are the rounded ones
-    # every tile stored, so the result is the composed ops' bit for bit); T <= TOPK_BT, one block of tokens.
-    tiles_cnt = cnt_ptr + tl.num_programs(0)
-    if last_to_arrive(tiles_cnt, tl.num_programs(0)):
-        topk_softmax_rows(y_ptr, topk_w_ptr, topk_i_ptr, 0, T, N, stride_y_t, TOPK, TOPK, TOPK, TOPK_BT, TOPK_BE,
-                          TOPK_BK, TOPK_ROUND, True)
-        tl.store(tiles_cnt, 0)
 
 
 # ---- configs and policy ------------------------------------------------------------------------------------------
@@ -350,7 +327,7 @@ def _scratch(store: dict, device, N: int, T: int, cfg: dict) -> tuple[torch.Tens
             raise RuntimeError(f"gemv: split-K scratch for N={N}, T={T}, {config_name(cfg)} must be made by one eager "
                                f"call with these shapes before a CUDA graph captures the kernel")
         part = torch.empty(cfg["SPLIT_K"], T, N, dtype=torch.float32, device=device)
-        cnt = torch.zeros(triton.cdiv(N, cfg["BLOCK_N"]) + 1, dtype=torch.int32, device=device)  # + the tiles
+        cnt = torch.zeros(triton.cdiv(N, cfg["BLOCK_N"]), dtype=torch.int32, device=device)
         have = store[key] = (part, cnt)
     return have
 
@@ -374,16 +351,14 @@ def check_config(cfg: dict, T: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, cfg: dict | None = None, *,
-         out: torch.Tensor | None = None, scratch: dict | None = None,
-         topk: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         out: torch.Tensor | None = None, scratch: dict | None = None) -> torch.Tensor:
     """``x W^T + b`` for a few token rows: (T, K) x (N, K) (+ (N,)) → (T, N) in x.dtype, W read once, one kernel.
 
     x and weight bfloat16 (or float16, float32: both the same dtype), 1 <= T <= MAX_TOKENS, x rows contiguous,
     weight contiguous; bias any float dtype (summed in fp32). fp32 accumulation, one rounding. No host
     synchronisation; CUDA-graph capturable once an eager call with the same shapes and config has made the split-K
     scratch (kept in ``scratch``, by default a module-level store shared by every layer of a shape). ``cfg``: from
-    :func:`fma` / :func:`dot`, default :func:`config_for`. ``out``: (T, N) contiguous in x.dtype. ``topk``: (weights
-    (T, k) in x.dtype, indices (T, k) int64), contiguous, for :func:`router_gemv`.
+    :func:`fma` / :func:`dot`, default :func:`config_for`. ``out``: (T, N) contiguous in x.dtype.
     """
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"gemv: x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected (T, K) and (N, K)")
@@ -405,45 +380,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         raise ValueError(f"gemv: out must be a contiguous ({T}, {N}) {x.dtype} tensor")
     cfg = cfg or config_for(T, N, K)
     meta = _meta(cfg, T, x.dtype, bias is not None)
-    if cfg["SPLIT_K"] > 1 or topk is not None:
+    if cfg["SPLIT_K"] > 1:
         part, cnt = _scratch(_SCRATCH if scratch is None else scratch, x.device, N, T, cfg)
     else:
         part, cnt = out, out  # unused
-    topk_args = [out, out]  # unused
-    if topk is not None:
-        k = topk[0].shape[1]
-        blocks = topk_blocks(T, N, k, x.dtype)
-        if T > blocks["BLOCK_T"] or topk[0].shape != (T, k) or topk[1].shape != (T, k):
-            raise ValueError(f"gemv: the fused top-k takes T <= {blocks['BLOCK_T']} rows and (T, k) outputs")
-        topk_args = list(topk)
-        meta.update(TOPK=k, TOPK_BT=blocks["BLOCK_T"], TOPK_BE=blocks["BLOCK_E"], TOPK_BK=blocks["BLOCK_K"],
-                    TOPK_ROUND=blocks["ROUND_BF16"])
     _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
         x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0), part, cnt,
-        T, N, K, *topk_args, **meta, **launch_options(x))
+        T, N, K, **meta, **launch_options(x))
     return out
-
-
-# The router as one kernel (the logits' GEMV, whose last program does the top-k + softmax): an experiment, off by
-# default until measured (tests/benchmarks/gpu/pdl_order.sh next); MXMOE_TRITON_ROUTER_FUSED=1 turns it on.
-ROUTER_FUSED = os.environ.get("MXMOE_TRITON_ROUTER_FUSED", "0") == "1"
-
-
-def router_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, top_k: int,
-                cfg: dict | None = None, scratch: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ops.topk_softmax(gemv(x, weight, bias), top_k) in one kernel, bit for bit: (weights (T, k) in x's dtype,
-    indices (T, k) int64). For T <= the top-k's token block (16 at gpt-oss's 32 or 128 experts)."""
-    T, E = x.shape[0], weight.shape[0]
-    weights = torch.empty(T, top_k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(T, top_k, dtype=torch.int64, device=x.device)
-    gemv(x, weight, bias, cfg, out=torch.empty(T, E, dtype=x.dtype, device=x.device), scratch=scratch,
-         topk=(weights, indices))
-    return weights, indices
-
-
-def router_fusable(T: int, E: int, K: int, top_k: int) -> bool:
-    """Whether the engine's router runs :func:`router_gemv` for these shapes (fixed inside a CUDA graph)."""
-    return ROUTER_FUSED and use_gemv(T, E, K) and T <= topk_blocks(T, E, top_k, torch.bfloat16)["BLOCK_T"]
 
 
 def _meta(cfg: dict, T: int, dtype: torch.dtype, has_bias: bool) -> dict:
@@ -461,5 +405,5 @@ def compile_ahead(T: int, N: int, K: int, dtype: torch.dtype, bias_dtype: torch.
     into Triton's on-disk cache (the benchmark does). Triton specializes on the same values ``gemv`` passes."""
     meta = _meta(cfg, T, dtype, bias_dtype is not None)
     part, cnt = (torch.float32, torch.int32) if cfg["SPLIT_K"] > 1 else (dtype, dtype)
-    _gemv_kernel.warmup(dtype, K, dtype, K, bias_dtype or dtype, dtype, N, part, cnt, T, N, K, dtype, dtype,
-                        grid=(1,), **meta, **launch_options(torch.empty(0, device="cuda")))
+    _gemv_kernel.warmup(dtype, K, dtype, K, bias_dtype or dtype, dtype, N, part, cnt, T, N, K, grid=(1,), **meta,
+                        **launch_options(torch.empty(0, device="cuda")))

@@ -340,27 +340,15 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, indices_ptr, T, E, stride_l_t,
                          K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                          ROUND_BF16: tl.constexpr, GDC: tl.constexpr = False):
     wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
-    topk_softmax_rows(logits_ptr, weights_ptr, indices_ptr, tl.program_id(0), T, E, stride_l_t, stride_w_t,
-                      stride_i_t, K, BLOCK_T, BLOCK_E, BLOCK_K, ROUND_BF16, False)
-
-
-@triton.jit
-def topk_softmax_rows(logits_ptr, weights_ptr, indices_ptr, pid_t, T, E, stride_l_t, stride_w_t, stride_i_t,
-                      K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-                      ROUND_BF16: tl.constexpr, THROUGH_L2: tl.constexpr):
-    # Token block pid_t of the top-k + softmax (also called by linear's router GEMV, whose last program reads the
-    # logits other programs of the same kernel wrote: THROUGH_L2 loads them with .cg, past any stale L1 line).
+    pid_t = tl.program_id(0)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
     mask_t = offs_t < T
     mask_e = offs_e < E
-    logits_ptrs = logits_ptr + offs_t[:, None] * stride_l_t + offs_e[None, :]
-    if THROUGH_L2:
-        logits = tl.load(logits_ptrs, mask=mask_t[:, None] & mask_e[None, :], other=0.0, cache_modifier=".cg")
-    else:
-        logits = tl.load(logits_ptrs, mask=mask_t[:, None] & mask_e[None, :], other=0.0)
-    logits = tl.where(mask_e[None, :], logits.to(tl.float32), float("-inf"))  # padding experts are never chosen
+    logits = tl.load(logits_ptr + offs_t[:, None] * stride_l_t + offs_e[None, :],
+                     mask=mask_t[:, None] & mask_e[None, :], other=0.0).to(tl.float32)
+    logits = tl.where(mask_e[None, :], logits, float("-inf"))  # padding experts are never chosen
     # torch.sort (the reference) orders NaN above everything; keep a NaN logit chosen, and every index
     # in range, so that the expert kernels never see an index outside [0, E).
     key = tl.where(logits != logits, float("inf"), logits)
@@ -390,13 +378,6 @@ def topk_softmax_rows(logits_ptr, weights_ptr, indices_ptr, pid_t, T, E, stride_
     tl.store(indices_ptr + offs_t[:, None] * stride_i_t + offs_k[None, :], indices.to(tl.int64), mask=mask_out)
 
 
-def topk_blocks(T: int, E: int, top_k: int, dtype: torch.dtype) -> dict:
-    """The top-k's constexprs for T tokens of E logits in ``dtype`` (BLOCK_T tokens a program)."""
-    block_e = triton.next_power_of_2(E)
-    return dict(BLOCK_T=max(1, min(16, 4096 // block_e)), BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
-                ROUND_BF16=_round_bf16_in_software(dtype))
-
-
 def topk_softmax(logits: torch.Tensor, top_k: int,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, E) logits → (weights (T, k) in the logits' dtype, indices (T, k) int64): the k largest, sorted
@@ -409,10 +390,12 @@ def topk_softmax(logits: torch.Tensor, top_k: int,
     indices = _out(None if out is None else out[1], (T, top_k), torch.int64, logits.device, "router indices")
     if T == 0:
         return weights, indices
-    blocks = topk_blocks(T, E, top_k, logits.dtype)
-    _topk_softmax_kernel[(triton.cdiv(T, blocks["BLOCK_T"]),)](
+    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_T = max(1, min(16, 4096 // BLOCK_E))
+    _topk_softmax_kernel[(triton.cdiv(T, BLOCK_T),)](
         logits, weights, indices, T, E, logits.stride(0), weights.stride(0), indices.stride(0),
-        K=top_k, **blocks, **launch_options(logits))
+        K=top_k, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(top_k),
+        ROUND_BF16=_round_bf16_in_software(logits.dtype), **launch_options(logits))
     return weights, indices
 
 
