@@ -135,13 +135,14 @@ def test_rms_norm_takes_a_strided_row_view():
 
 
 def test_add_rms_norm_scale_loaded_before_the_wait_gives_the_same_bits(monkeypatch):
-    # pdl.EARLY_STATIC (off by default until measured): the scale is loaded before the PDL wait instead of after
+    # pdl.EARLY_STATIC (on by default): the scale is loaded before the PDL wait instead of after
     # the reduction; the same bits either way (one-pass rows, D <= 4096, as gpt-oss's 2880).
     from mxmoe.backends.triton_engine import pdl
 
     g = gen(3)
     x, delta = bf16(torch.randn(3, 2880, generator=g)), bf16(torch.randn(3, 2880, generator=g))
     scale = torch.rand(2880, generator=g).to(DEVICE) + 0.5
+    monkeypatch.setattr(pdl, "EARLY_STATIC", False)
     s0, h0 = ops.add_rms_norm(x, delta, scale, 1e-5)
     monkeypatch.setattr(pdl, "EARLY_STATIC", True)
     s1, h1 = ops.add_rms_norm(x, delta, scale, 1e-5)

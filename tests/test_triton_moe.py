@@ -514,7 +514,7 @@ def test_routing_reads_non_contiguous_ids_as_their_values():
 
 
 def test_epilogue_operands_loaded_early_give_the_same_bits(monkeypatch):
-    # pdl.EARLY_STATIC (off by default until measured): the default gemv kernels load their expert's bias and
+    # pdl.EARLY_STATIC (on by default): the default gemv kernels load their expert's bias and
     # routing weight before the K loop instead of after it; the same bits either way.
     from mxmoe.backends.triton_engine import pdl
 
@@ -523,6 +523,7 @@ def test_epilogue_operands_loaded_early_give_the_same_bits(monkeypatch):
     w = moe.prepare_moe_weights(mlp1, mlp2, torch.bfloat16, DEVICE)
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(62)).to(torch.bfloat16)
     ew, idx = _routing(63, T, E, k)
+    monkeypatch.setattr(pdl, "EARLY_STATIC", False)
     default = _run(x, ew, idx, w, "gemv_portable")
     monkeypatch.setattr(pdl, "EARLY_STATIC", True)
     early = _run(x, ew, idx, w, "gemv_portable")

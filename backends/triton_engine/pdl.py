@@ -12,7 +12,9 @@ ordered by the stream as usual, whatever they follow.
 
 Measured on the H200 (tests/benchmarks/results/h200-2026-12-02-pdl.txt): gpt-oss-20b decode at batch 1 2.01 ms a
 step with PDL, 2.14 ms without, in the same run. (Prefetching the dense GEMVs' weights into L2 before the wait was
-slower, 2.26-2.31 ms, and was dropped; loading the first K step of them into registers before the wait is faster,
+slower, 2.26-2.31 ms, and was dropped, as was a prefetch kernel that brought the next dense layer's weights into
+L2 after its predecessor, while attention or the add + norm ran: 2.18-2.27 ms against 1.88-1.97, the small kernels'
+own loads likely queued behind it, not measured; loading the first K step of them into registers before the wait is faster,
 linear.EARLY_W; signalling the dependents after the wait instead of before it, a switch tried once, was not: 2.08
 ms against 2.02-2.07, tests/benchmarks/results/h200-2026-12-02-pdl-order.txt.)
 
@@ -37,9 +39,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # of following the kernel's reduction; the default MoE gemv kernels (moe.py) load their routed expert's bias and
 # routing weight right after the wait (they depend on the routing), under the K loop instead of after it. Offline
 # SASS (triton 3.6, sm_90): without it the add + RMSNorm kernel issues the scale loads only after its two reduction
-# barriers. Not yet measured on a GPU, so off by default;
-# MXMOE_TRITON_EARLY_STATIC=1 turns it on (tests/benchmarks/gpu/pdl_order.sh next: the A/B). Read at launch.
-EARLY_STATIC = os.environ.get("MXMOE_TRITON_EARLY_STATIC", "0") == "1"
+# barriers. gpt-oss-20b decode at batch 1 on the H200: 1.90, 1.90 ms a step with it against 1.94, 1.93 without,
+# alternated in one session (tests/benchmarks/gpu/pdl_order.sh next). MXMOE_TRITON_EARLY_STATIC=0: without.
+# Read at launch.
+EARLY_STATIC = os.environ.get("MXMOE_TRITON_EARLY_STATIC", "1") != "0"
 
 
 @functools.cache
