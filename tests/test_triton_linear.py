@@ -230,6 +230,21 @@ def test_gemv_cuda_graph_replay_equals_eager(variant):
             L.gemv(x[:2], w, b, cfg, scratch=scratch)
 
 
+@pytest.mark.parametrize("early", [1, 2])
+@pytest.mark.parametrize("K", [40, 100, 200, 333])  # shorter than one step of a split, than two, longer
+def test_weights_loaded_before_the_wait_give_the_same_bits(early, K, monkeypatch):
+    # linear.EARLY_W: the fma product's first one or two K steps of weights loaded before the PDL wait; the same
+    # products summed in the same order as without (EARLY_W = 0), for whole splits, short ones and a masked tail.
+    x, w, b = _inputs(79 + K, 3, 37, K, torch.bfloat16, True)
+    for cfg in (L.fma(16, 64, 1), L.fma(8, 32, 3)):
+        monkeypatch.setattr(L, "EARLY_W", 0)
+        plain = _run(x, w, b, cfg)
+        monkeypatch.setattr(L, "EARLY_W", early)
+        got = _run(x, w, b, cfg)
+        assert torch.equal(got, plain), (K, L.config_name(cfg))
+        _check(got, x, w, b)
+
+
 @pytest.mark.parametrize("variant", list(CONFIGS))
 def test_bias_loaded_before_the_wait_gives_the_same_bits(variant, monkeypatch):
     # pdl.EARLY_STATIC (on by default): the bias is loaded at the kernel's start instead of in the

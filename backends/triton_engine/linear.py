@@ -40,8 +40,13 @@ _ROUND_BY_HAND = tl.constexpr(_INTERPRET)
 
 # The fma product loads its first K step's weights (static data, pdl.py) before the PDL wait, so that they are in
 # flight while the predecessor finishes: gpt-oss-20b decode at batch 1 1.95-1.98 ms a step against 2.02-2.13 without,
-# alternated in one session on the H200 (tests/benchmarks/gpu/pdl_order.sh). MXMOE_TRITON_GEMV_EARLY_W=0: without.
-EARLY_W = tl.constexpr(os.environ.get("MXMOE_TRITON_GEMV_EARLY_W", "1") != "0")
+# alternated in one session on the H200 (tests/benchmarks/gpu/pdl_order.sh). The first two K steps: 1.86, 1.86 ms
+# against 1.98, 1.88 for one, alternated in a later session (pdl_order.sh norm), the default since (QKV's fma(16, 512)
+# program then spills 24 bytes to the stack in the offline sm_90 SASS, at 255 registers).
+# MXMOE_TRITON_GEMV_EARLY_W=0: none; =1: one step. Read at launch.
+EARLY_W = int(os.environ.get("MXMOE_TRITON_GEMV_EARLY_W", "2"))
+if EARLY_W not in (0, 1, 2):
+    raise ValueError(f"MXMOE_TRITON_GEMV_EARLY_W must be 0, 1 or 2 (K steps loaded before the wait), got {EARLY_W}")
 
 MAX_TOKENS = 64  # gemv takes up to this many rows; past it a layer is a matrix product (cuBLAS)
 FMA_MAX_BLOCK_T = 8  # the fma product keeps BT partial sums per thread and row: ~140-250 registers at 8
@@ -93,7 +98,7 @@ def _fma_step(acc, xt, wt):
 @triton.jit
 def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr,
-              PREFETCH: tl.constexpr, GDC: tl.constexpr):
+              PREFETCH: tl.constexpr, GDC: tl.constexpr, EARLY_W: tl.constexpr):
     # Sums over K in [k_lo, k_hi) → [BN, BT] fp32. Whole steps unmasked, then one masked step for the tail.
     # Layout (checked in the sm_90 TTGIR/SASS): x and W are both loaded at the product's full shape
     # [BKV, BN, BT, VEC], x broadcast over the rows and W over the tokens by zero strides. Both loads then get the
@@ -114,14 +119,20 @@ def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
     acc = tl.zeros([BKV, BLOCK_N, BLOCK_T], tl.float32)
     n_full = tl.maximum(k_hi - k_lo, 0) // BLOCK_K
     done = 0  # whole steps done before the loop
-    if EARLY_W and not PREFETCH:
-        # Step 0, masked to the split's range (which may be shorter than a step), with its weights loaded before the
-        # PDL wait.
+    if EARLY_W > 0 and not PREFETCH:
+        # Steps 0 (and 1 when EARLY_W = 2), masked to the split's range (which may be shorter), with their weights
+        # loaded before the PDL wait.
         m0 = offs_k4 < k_hi - k_lo
         w0 = tl.load(w_ptrs, mask=m0, other=0.0)
+        if EARLY_W > 1:
+            m1 = offs_k4 + BLOCK_K < k_hi - k_lo
+            w1 = tl.load(w_ptrs + BLOCK_K, mask=m1, other=0.0)
         wait_for_predecessor(GDC)
         acc = _fma_step(acc, tl.load(x_ptrs, mask=m0, other=0.0), w0)
         done = 1
+        if EARLY_W > 1:
+            acc = _fma_step(acc, tl.load(x_ptrs + BLOCK_K, mask=m1, other=0.0), w1)
+            done = 2
     else:
         wait_for_predecessor(GDC)  # PDL (pdl.py): before any activation is read or written
     if PREFETCH:
@@ -136,7 +147,7 @@ def _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
         for i in range(done, n_full):
             xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, i * BLOCK_K, 0, False)
             acc = _fma_step(acc, xt, wt)
-    k_tail = tl.maximum(n_full, done) * BLOCK_K  # (a split shorter than a step was all of step 0)
+    k_tail = tl.maximum(n_full, done) * BLOCK_K  # (a split shorter than the early steps was all in them)
     if k_lo + k_tail < k_hi:
         xt, wt = _load_step(x_ptrs, w_ptrs, offs_k4, k_tail, k_hi - k_lo, True)
         acc = _fma_step(acc, xt, wt)
@@ -178,7 +189,8 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                  T, N, K,
                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_F32: tl.constexpr, VEC: tl.constexpr,
-                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False):
+                 PREFETCH: tl.constexpr, GDC: tl.constexpr = False, EARLY_STATIC: tl.constexpr = False,
+                 EARLY_W: tl.constexpr = 1):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,7 +211,7 @@ def _gemv_kernel(x_ptr, stride_x_t, w_ptr, stride_w_n, b_ptr, y_ptr, stride_y_t,
                         BLOCK_T, BLOCK_N, BLOCK_K, DOT_F32)
     else:
         acc = _fma_loop(x_ptr, stride_x_t, w_ptr, stride_w_n, tok, rows, k_lo, k_hi,
-                        BLOCK_T, BLOCK_N, BLOCK_K, VEC, PREFETCH, GDC)
+                        BLOCK_T, BLOCK_N, BLOCK_K, VEC, PREFETCH, GDC, EARLY_W)
     # acc: [BN, BT] sums of this split.
     mask_y = (offs_n < N)[:, None] & (offs_t < T)[None, :]
     y_ptrs = y_ptr + offs_n[:, None] + offs_t[None, :] * stride_y_t
@@ -395,7 +407,8 @@ def _meta(cfg: dict, T: int, dtype: torch.dtype, has_bias: bool) -> dict:
     block_t, vec = check_config(cfg, T, dtype)
     return dict(BLOCK_T=block_t, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
                 HAS_BIAS=has_bias, USE_DOT=cfg["DOT"], DOT_F32=_INTERPRET or dtype == torch.float32, VEC=vec,
-                PREFETCH=int(cfg.get("PREFETCH", 0)), EARLY_STATIC=pdl.EARLY_STATIC, num_warps=cfg["num_warps"],
+                PREFETCH=int(cfg.get("PREFETCH", 0)), EARLY_STATIC=pdl.EARLY_STATIC, EARLY_W=EARLY_W,
+                num_warps=cfg["num_warps"],
                 num_stages=cfg.get("num_stages", 1))
 
 

@@ -12,7 +12,11 @@
 #   (run 4 tried an L2 prefetch hint: a kernel after QKV bringing the output projection's weights into L2 while
 #   attention runs, and one after the experts for the next QKV; MXMOE_TRITON_PREFETCH=bulk|lines,
 #   MXMOE_TRITON_PREFETCH_MB=16|32. 2.18-2.27 ms against 1.88-1.97 without: slower, removed afterwards)
-# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
+#   MXMOE_TRITON_GEMV_EARLY_W=1|2   one or two K steps of weights before the wait (two: the default since run 5,
+#                                   `norm`, 1.86, 1.86 ms against 1.98, 1.88);
+#   (run 5 also tried MXMOE_TRITON_NORM_FUSED=1: the add + RMSNorm done inside the GEMV after it, QKV, router and
+#   unembedding, as Backend API 1.3 fused ops; 2.13-2.31 ms against 1.86-1.98: slower, removed afterwards)
+# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next|norm]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
 source tests/benchmarks/gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/pdl_order}
 mkdir -p "$OUT"
@@ -26,6 +30,11 @@ if [ "${1:-}" = next ]; then  # run 3, without the removed router experiment: ea
   for i in 1 2; do
     run "early-static off ($i)" "MXMOE_TRITON_EARLY_STATIC=0"
     run "early-static on ($i)" "MXMOE_TRITON_EARLY_STATIC=1"
+  done
+elif [ "${1:-}" = norm ]; then  # run 5: two early K steps against one
+  for i in 1 2; do  # (without the removed norm experiment)
+    run "early-w 1 ($i)" "MXMOE_TRITON_GEMV_EARLY_W=1"
+    run "early-w 2 ($i)" "MXMOE_TRITON_GEMV_EARLY_W=2"
   done
 elif [ "${1:-}" = interleaved ]; then  # the two closest settings alternated three times (run 2)
   for i in 1 2 3; do
