@@ -40,9 +40,10 @@ _ROUND_BY_HAND = tl.constexpr(_INTERPRET)
 
 # The fma product loads its first K step's weights (static data, pdl.py) before the PDL wait, so that they are in
 # flight while the predecessor finishes: gpt-oss-20b decode at batch 1 1.95-1.98 ms a step against 2.02-2.13 without,
-# alternated in one session on the H200 (tests/benchmarks/gpu/pdl_order.sh). The first two K steps: 1.86, 1.86 ms
-# against 1.98, 1.88 for one, alternated in a later session (pdl_order.sh norm), the default since (QKV's fma(16, 512)
-# program then spills 24 bytes to the stack in the offline sm_90 SASS, at 255 registers).
+# alternated in one session on the H200 (tests/benchmarks/gpu/pdl_order.sh). The first two K steps (the default, as
+# certified): 1.86, 1.86, 1.99, 1.86 ms against 1.98, 1.88, 1.87, 1.86 for one, alternated in a later session
+# (pdl_order.sh norm): no difference beyond the spread of identical runs. (QKV's fma(16, 512) program then spills 24
+# bytes to the stack in the offline sm_90 SASS, at 255 registers.)
 # MXMOE_TRITON_GEMV_EARLY_W=0: none; =1: one step. Read at launch.
 EARLY_W = int(os.environ.get("MXMOE_TRITON_GEMV_EARLY_W", "2"))
 if EARLY_W not in (0, 1, 2):

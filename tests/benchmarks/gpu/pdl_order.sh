@@ -12,8 +12,9 @@
 #   (run 4 tried an L2 prefetch hint: a kernel after QKV bringing the output projection's weights into L2 while
 #   attention runs, and one after the experts for the next QKV; MXMOE_TRITON_PREFETCH=bulk|lines,
 #   MXMOE_TRITON_PREFETCH_MB=16|32. 2.18-2.27 ms against 1.88-1.97 without: slower, removed afterwards)
-#   MXMOE_TRITON_GEMV_EARLY_W=1|2   one or two K steps of weights before the wait (two: the default since run 5,
-#                                   `norm`, 1.86, 1.86 ms against 1.98, 1.88);
+#   MXMOE_TRITON_GEMV_EARLY_W=1|2   one or two K steps of weights before the wait (runs 5 and 6, `norm`: two
+#                                   1.86, 1.86, 1.99, 1.86 ms, one 1.98, 1.88, 1.87, 1.86; two is the default, as
+#                                   certified, not a measured gain);
 #   (run 5 also tried MXMOE_TRITON_NORM_FUSED=1: the add + RMSNorm done inside the GEMV after it, QKV, router and
 #   unembedding, as Backend API 1.3 fused ops; 2.13-2.31 ms against 1.86-1.98: slower, removed afterwards)
 # Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next|norm]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
