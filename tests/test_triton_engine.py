@@ -327,6 +327,20 @@ def test_programmatic_dependent_launch_only_on_hopper_and_later(monkeypatch):
     pdl._enabled.cache_clear()
 
 
+def test_large_grids_launch_without_pdl_only_when_asked(monkeypatch):
+    # MXMOE_TRITON_PDL_MAX_PROGRAMS (pdl.MAX_PROGRAMS, default 0: no limit): grids of at least that many programs
+    # are launched without PDL; grids of unknown size keep it.
+    from mxmoe.backends.triton_engine import pdl
+
+    monkeypatch.setattr(pdl, "_enabled", lambda index: True)
+    monkeypatch.setattr(pdl, "MAX_PROGRAMS", 0)
+    assert pdl.pdl_for(0, 10 ** 6) and pdl.pdl_for(0, None)
+    monkeypatch.setattr(pdl, "MAX_PROGRAMS", 512)
+    assert pdl.pdl_for(0, 511) and not pdl.pdl_for(0, 512) and pdl.pdl_for(0, None)
+    monkeypatch.setattr(pdl, "_enabled", lambda index: False)
+    assert not pdl.pdl_for(0, 1)
+
+
 def _fake_cuda(monkeypatch, cc=(9, 0), available=True):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -1156,7 +1156,8 @@ def launch_mlp1_gemv(x, idx, w: MoEWeights, h, cfg, alpha, limit):
         _pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
         h, I // 32, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=x.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
-        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(x))
+        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"],
+        **launch_options(x, P * triton.cdiv(I, cfg["BLOCK_N"])))
 
 
 def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
@@ -1166,7 +1167,7 @@ def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
         y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
         PREFETCH=int(cfg.get("PREFETCH", 1)), EARLY_STATIC=pdl.EARLY_STATIC, num_warps=cfg["num_warps"],
-        **launch_options(h))
+        **launch_options(h, P * triton.cdiv(D, cfg["BLOCK_N"])))
 
 
 def gemv_family(cfg: dict) -> str:
@@ -1223,7 +1224,7 @@ def launch_mlp1_gemv_st(x, idx, w: MoEWeights, h, cfg, alpha, limit):
         *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
         BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), EARLY_STATIC=pdl.EARLY_STATIC,
-        num_warps=cfg["num_warps"], **launch_options(x))
+        num_warps=cfg["num_warps"], **launch_options(x, P * tiles * split))
 
 
 def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
@@ -1241,7 +1242,7 @@ def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
         w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
         X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)),
-        num_warps=cfg["num_warps"], **launch_options(h))
+        num_warps=cfg["num_warps"], **launch_options(h, P * tiles * split))
 
 
 def launch_mlp1_gemv_any(x, idx, w: MoEWeights, h, cfg, alpha, limit):

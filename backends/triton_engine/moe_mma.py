@@ -553,7 +553,8 @@ def launch_mlp1_mma(x, idx, w, h, cfg, alpha, limit):
     split, split_args = _split_args(cfg, w, idx, tiles, x.device)
     _mlp1_mma_kernel[(P, tiles, split)](
         x.view(torch.int32), D // 32, idx, *w1_args, w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
-        h, I // 32, *split_args, D // 32, I, idx.shape[1], alpha, limit, SPLIT=split, **opts, **launch_options(x))
+        h, I // 32, *split_args, D // 32, I, idx.shape[1], alpha, limit, SPLIT=split, **opts,
+        **launch_options(x, P * tiles * split))
 
 
 def launch_mlp2_mma(h, idx, ew, w, y, cfg):
@@ -569,4 +570,5 @@ def launch_mlp2_mma(h, idx, ew, w, y, cfg):
     split, split_args = _split_args(cfg, w, idx, tiles, h.device)
     _mlp2_mma_kernel[(P, tiles, split)](
         h.view(torch.int32), I // 32, idx, ew, *w2_args, w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
-        y, D // 32, *split_args, I // 32, D, SPLIT=split, **opts, **launch_options(h))
+        y, D // 32, *split_args, I // 32, D, SPLIT=split, **opts,
+        **launch_options(h, P * tiles * split))

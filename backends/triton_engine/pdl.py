@@ -13,14 +13,19 @@ ordered by the stream as usual, whatever they follow.
 Measured on the H200 (tests/benchmarks/results/h200-2026-12-02-pdl.txt): gpt-oss-20b decode at batch 1 2.01 ms a
 step with PDL, 2.14 ms without, in the same run. (Prefetching the dense GEMVs' weights into L2 before the wait was
 slower, 2.26-2.31 ms, and was dropped, as was a prefetch kernel that brought the next dense layer's weights into
-L2 after its predecessor, while attention or the add + norm ran: 2.18-2.27 ms against 1.88-1.97, the small kernels'
-own loads likely queued behind it, not measured; loading the first K step of them into registers before the wait is faster,
-linear.EARLY_W; signalling the dependents after the wait instead of before it, a switch tried once, was not: 2.08
-ms against 2.02-2.07, tests/benchmarks/results/h200-2026-12-02-pdl-order.txt.)
+L2 after its predecessor, while attention or the add + norm ran: 2.18-2.27 ms against 1.88-1.97, the small
+kernels' own loads likely queued behind it, not measured; loading the first K step of them into registers before the
+wait is faster, linear.EARLY_W; signalling the dependents after the wait instead of before it, a switch tried once,
+was not: 2.08 ms against 2.02-2.07, tests/benchmarks/results/h200-2026-12-02-pdl-order.txt.)
 
 ``launch_options(t)`` is what a launcher adds to a kernel call: ``GDC=True`` (the kernel's constexpr that compiles
 the wait in) and ``launch_pdl=True`` on a CUDA device of compute capability >= 9.0 outside the interpreter, else
-``GDC=False`` alone. ``MXMOE_TRITON_PDL=0`` turns it off (for comparisons).
+``GDC=False`` alone. ``MXMOE_TRITON_PDL=0`` turns it off (for comparisons). Launchers of grids that can be large
+pass ``programs=`` (the grid's size): ``MXMOE_TRITON_PDL_MAX_PROGRAMS=n`` launches grids of n programs or more
+without PDL, an experiment not yet measured in the decode step (default 0: no limit). In a graph of 240 dependent
+tiny kernels on the H200, a boundary took 0.50 us with PDL and 0.79 without for grids of 1-132 programs, but 2.14
+with and 1.39 without for 1440 (tests/benchmarks/gpu/pdl_chain.py, results/h200-2026-12-02-pdl-chain.txt); the MoE
+gemv kernels have 720-1440 programs at batch 1, the unembedding 6284.
 """
 
 from __future__ import annotations
@@ -52,9 +57,19 @@ def _enabled(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
-def launch_options(t: torch.Tensor) -> dict:
-    """Keyword arguments for a kernel launch whose inputs live where ``t`` does (see the module docstring)."""
-    if t.is_cuda and _enabled(t.device.index if t.device.index is not None else torch.cuda.current_device()):
+# Grids of at least this many programs are launched without PDL (0: every grid with PDL). Read at launch.
+MAX_PROGRAMS = int(os.environ.get("MXMOE_TRITON_PDL_MAX_PROGRAMS", "0"))
+
+
+def pdl_for(device_index: int, programs: int | None) -> bool:
+    """Whether a grid of ``programs`` programs (None: not given) on CUDA device ``device_index`` uses PDL."""
+    return _enabled(device_index) and not (MAX_PROGRAMS > 0 and programs is not None and programs >= MAX_PROGRAMS)
+
+
+def launch_options(t: torch.Tensor, programs: int | None = None) -> dict:
+    """Keyword arguments for a kernel launch whose inputs live where ``t`` does, of a grid of ``programs`` programs
+    where the launcher gives it (see the module docstring)."""
+    if t.is_cuda and pdl_for(t.device.index if t.device.index is not None else torch.cuda.current_device(), programs):
         return dict(GDC=True, launch_pdl=True)
     return dict(GDC=False)
 

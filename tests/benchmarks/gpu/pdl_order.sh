@@ -17,7 +17,10 @@
 #                                   certified, not a measured gain);
 #   (run 5 also tried MXMOE_TRITON_NORM_FUSED=1: the add + RMSNorm done inside the GEMV after it, QKV, router and
 #   unembedding, as Backend API 1.3 fused ops; 2.13-2.31 ms against 1.86-1.98: slower, removed afterwards)
-# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next|norm]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
+#   MXMOE_TRITON_PDL_MAX_PROGRAMS=n  grids of n programs or more launched without PDL (pdl.MAX_PROGRAMS; not
+#                                   measured yet: `grids`, 0 / 512 (the MoE gemv kernels and the unembedding) / 2048
+#                                   (the unembedding alone), twice).
+# Usage: bash tests/benchmarks/gpu/pdl_order.sh [interleaved|next|norm|grids]   (records in $OUT/bench.jsonl, output in $OUT/pdl_order.txt)
 source tests/benchmarks/gpu/setup.sh || exit 1
 OUT=${OUT:-/tmp/pdl_order}
 mkdir -p "$OUT"
@@ -36,6 +39,12 @@ elif [ "${1:-}" = norm ]; then  # run 5: two early K steps against one
   for i in 1 2; do  # (without the removed norm experiment)
     run "early-w 1 ($i)" "MXMOE_TRITON_GEMV_EARLY_W=1"
     run "early-w 2 ($i)" "MXMOE_TRITON_GEMV_EARLY_W=2"
+  done
+elif [ "${1:-}" = grids ]; then  # large grids without PDL
+  for i in 1 2; do
+    run "every grid with pdl ($i)" "MXMOE_TRITON_PDL_MAX_PROGRAMS=0"
+    run "grids of 512+ without ($i)" "MXMOE_TRITON_PDL_MAX_PROGRAMS=512"
+    run "grids of 2048+ without ($i)" "MXMOE_TRITON_PDL_MAX_PROGRAMS=2048"
   done
 elif [ "${1:-}" = interleaved ]; then  # the two closest settings alternated three times (run 2)
   for i in 1 2 3; do
