@@ -397,10 +397,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         part, cnt = _scratch(_SCRATCH if scratch is None else scratch, x.device, N, T, cfg)
     else:
         part, cnt = out, out  # unused
-    _gemv_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])](
+    grid = _grid(N, cfg)
+    _gemv_kernel[grid](
         x, x.stride(0), weight, weight.stride(0), bias if bias is not None else weight, out, out.stride(0), part, cnt,
-        T, N, K, **meta, **launch_options(x, triton.cdiv(N, cfg["BLOCK_N"]) * cfg["SPLIT_K"]))
+        T, N, K, **meta, **launch_options(x, grid))
     return out
+
+
+def _grid(N: int, cfg: dict) -> tuple[int, int]:
+    return triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"]  # (row tiles, K splits)
 
 
 def _meta(cfg: dict, T: int, dtype: torch.dtype, has_bias: bool) -> dict:
@@ -418,6 +423,5 @@ def compile_ahead(T: int, N: int, K: int, dtype: torch.dtype, bias_dtype: torch.
     into Triton's on-disk cache (the benchmark does). Triton specializes on the same values ``gemv`` passes."""
     meta = _meta(cfg, T, dtype, bias_dtype is not None)
     part, cnt = (torch.float32, torch.int32) if cfg["SPLIT_K"] > 1 else (dtype, dtype)
-    programs = triton.cdiv(N, cfg["BLOCK_N"]) * cfg["SPLIT_K"]
     _gemv_kernel.warmup(dtype, K, dtype, K, bias_dtype or dtype, dtype, N, part, cnt, T, N, K, grid=(1,), **meta,
-                        **launch_options(torch.empty(0, device="cuda"), programs))
+                        **launch_options(torch.empty(0, device="cuda"), _grid(N, cfg)))

@@ -1152,22 +1152,23 @@ def _word_strides(t: torch.Tensor, n: int) -> list[int]:
 
 def launch_mlp1_gemv(x, idx, w: MoEWeights, h, cfg, alpha, limit):
     P, (T, D), I = idx.numel(), x.shape, w.intermediate
-    _mlp1_gemv_kernel[(P, triton.cdiv(I, cfg["BLOCK_N"]))](
+    grid = (P, triton.cdiv(I, cfg["BLOCK_N"]))
+    _mlp1_gemv_kernel[grid](
         _pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
         h, I // 32, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=x.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
-        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"],
-        **launch_options(x, P * triton.cdiv(I, cfg["BLOCK_N"])))
+        PREFETCH=int(cfg.get("PREFETCH", 1)), num_warps=cfg["num_warps"], **launch_options(x, grid))
 
 
 def launch_mlp2_gemv(h, idx, ew, w: MoEWeights, y, cfg):
     P, D, I = idx.numel(), w.hidden, w.intermediate
-    _mlp2_gemv_kernel[(P, triton.cdiv(D, cfg["BLOCK_N"]))](
+    grid = (P, triton.cdiv(D, cfg["BLOCK_N"]))
+    _mlp2_gemv_kernel[grid](
         _pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
         y, D // 32, I // 32, D,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales,
         PREFETCH=int(cfg.get("PREFETCH", 1)), EARLY_STATIC=pdl.EARLY_STATIC, num_warps=cfg["num_warps"],
-        **launch_options(h, P * triton.cdiv(D, cfg["BLOCK_N"])))
+        **launch_options(h, grid))
 
 
 def gemv_family(cfg: dict) -> str:
@@ -1219,12 +1220,13 @@ def launch_mlp1_gemv_st(x, idx, w: MoEWeights, h, cfg, alpha, limit):
     tiles = triton.cdiv(I, cfg["BLOCK_N"])
     part = _buffer((P, split, 2, I), torch.float32, x.device) if split > 1 else h
     cnt = _counters(w, P * tiles, idx.shape[1], x.device) if split > 1 else idx
-    _mlp1_gemv_st_kernel[(P, tiles, split)](
+    grid = (P, tiles, split)
+    _mlp1_gemv_st_kernel[grid](
         _split_pairs(x), D // 32, idx, w.w1, *_word_strides(w.w1, 3), w.s1, *w.s1.stride()[:3], w.b1,
         *w.b1.stride()[:2], h, I // 32, part, cnt, D // 32, I, idx.shape[1], alpha, limit,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, X_BF16=x.dtype == torch.bfloat16,
         BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)), EARLY_STATIC=pdl.EARLY_STATIC,
-        num_warps=cfg["num_warps"], **launch_options(x, P * tiles * split))
+        num_warps=cfg["num_warps"], **launch_options(x, grid))
 
 
 def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
@@ -1237,12 +1239,13 @@ def launch_mlp2_gemv_st(h, idx, ew, w: MoEWeights, y, out, cfg):
     part = h if direct else _buffer((P, split, D), torch.float32, h.device)
     cnt = idx if direct else _counters(w, (idx.shape[0] if fuse else P) * tiles, idx.shape[1], h.device)
     y = out if y is None else y
-    _mlp2_gemv_st_kernel[(P, tiles, split)](
+    grid = (P, tiles, split)
+    _mlp2_gemv_st_kernel[grid](
         _split_pairs(h), I // 32, idx, ew, w.w2, *_word_strides(w.w2, 2), w.s2, *w.s2.stride()[:2], w.b2,
         w.b2.stride(0), y, D // 32, out, D // 32, part, cnt, I // 32, D, idx.shape[1],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_B=cfg["BLOCK_B"], SPLIT_K=split, FUSE_SUM=fuse,
         X_BF16=h.dtype == torch.bfloat16, BIG_SCALES=w.big_scales, PREFETCH=int(cfg.get("PREFETCH", 0)),
-        num_warps=cfg["num_warps"], **launch_options(h, P * tiles * split))
+        num_warps=cfg["num_warps"], **launch_options(h, grid))
 
 
 def launch_mlp1_gemv_any(x, idx, w: MoEWeights, h, cfg, alpha, limit):

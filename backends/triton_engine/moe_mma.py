@@ -551,10 +551,10 @@ def launch_mlp1_mma(x, idx, w, h, cfg, alpha, limit):
         w1_args = [w.w1, *_word_strides(w.w1, 3)]
     tiles = triton.cdiv(I, 8 * cfg["NT"] * cfg["NW"])
     split, split_args = _split_args(cfg, w, idx, tiles, x.device)
-    _mlp1_mma_kernel[(P, tiles, split)](
+    grid = (P, tiles, split)
+    _mlp1_mma_kernel[grid](
         x.view(torch.int32), D // 32, idx, *w1_args, w.s1, *w.s1.stride()[:3], w.b1, *w.b1.stride()[:2],
-        h, I // 32, *split_args, D // 32, I, idx.shape[1], alpha, limit, SPLIT=split, **opts,
-        **launch_options(x, P * tiles * split))
+        h, I // 32, *split_args, D // 32, I, idx.shape[1], alpha, limit, SPLIT=split, **opts, **launch_options(x, grid))
 
 
 def launch_mlp2_mma(h, idx, ew, w, y, cfg):
@@ -568,7 +568,7 @@ def launch_mlp2_mma(h, idx, ew, w, y, cfg):
         w2_args = [w.w2, *_word_strides(w.w2, 2)]
     tiles = triton.cdiv(D, 16 * cfg["NT"] * cfg["NW"])
     split, split_args = _split_args(cfg, w, idx, tiles, h.device)
-    _mlp2_mma_kernel[(P, tiles, split)](
+    grid = (P, tiles, split)
+    _mlp2_mma_kernel[grid](
         h.view(torch.int32), I // 32, idx, ew, *w2_args, w.s2, *w.s2.stride()[:2], w.b2, w.b2.stride(0),
-        y, D // 32, *split_args, I // 32, D, SPLIT=split, **opts,
-        **launch_options(h, P * tiles * split))
+        y, D // 32, *split_args, I // 32, D, SPLIT=split, **opts, **launch_options(h, grid))

@@ -21,7 +21,7 @@ was not: 2.08 ms against 2.02-2.07, tests/benchmarks/results/h200-2026-12-02-pdl
 ``launch_options(t)`` is what a launcher adds to a kernel call: ``GDC=True`` (the kernel's constexpr that compiles
 the wait in) and ``launch_pdl=True`` on a CUDA device of compute capability >= 9.0 outside the interpreter, else
 ``GDC=False`` alone. ``MXMOE_TRITON_PDL=0`` turns it off (for comparisons). Launchers of grids that can be large
-pass ``programs=`` (the grid's size): ``MXMOE_TRITON_PDL_MAX_PROGRAMS=n`` launches grids of n programs or more
+pass their grid (``launch_options(t, grid)``): ``MXMOE_TRITON_PDL_MAX_PROGRAMS=n`` launches grids of n programs or more
 without PDL, an experiment not yet measured in the decode step (default 0: no limit). In a graph of 240 dependent
 tiny kernels on the H200, a boundary took 0.50 us with PDL and 0.79 without for grids of 1-132 programs, but 2.14
 with and 1.39 without for 1440 (tests/benchmarks/gpu/pdl_chain.py, results/h200-2026-12-02-pdl-chain.txt); the MoE
@@ -31,6 +31,7 @@ gemv kernels have 720-1440 programs at batch 1, the unembedding 6284.
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -66,9 +67,10 @@ def pdl_for(device_index: int, programs: int | None) -> bool:
     return _enabled(device_index) and not (MAX_PROGRAMS > 0 and programs is not None and programs >= MAX_PROGRAMS)
 
 
-def launch_options(t: torch.Tensor, programs: int | None = None) -> dict:
-    """Keyword arguments for a kernel launch whose inputs live where ``t`` does, of a grid of ``programs`` programs
-    where the launcher gives it (see the module docstring)."""
+def launch_options(t: torch.Tensor, grid: tuple[int, ...] | None = None) -> dict:
+    """Keyword arguments for a kernel launch whose inputs live where ``t`` does, on ``grid`` where the launcher
+    gives it (see the module docstring)."""
+    programs = None if grid is None else math.prod(grid)
     if t.is_cuda and pdl_for(t.device.index if t.device.index is not None else torch.cuda.current_device(), programs):
         return dict(GDC=True, launch_pdl=True)
     return dict(GDC=False)
